@@ -1,0 +1,1 @@
+"""Readers that turn DICOM, NIfTI and image folders into ichseg types."""

@@ -1,0 +1,1 @@
+"""Pure preprocessing: windowing, channel stacking, 2.5D, blank-slice detection, masking."""

@@ -1,0 +1,177 @@
+"""HU windowing and channel stacking as pure numpy functions.
+
+Every function here is side-effect free and works on any leading shape, so the same code serves
+a single slice, a volume and a batch; transforms and datasets only call these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Window:
+    """A display window in HU."""
+
+    center: float
+    width: float
+
+    def __post_init__(self) -> None:
+        if self.width <= 0:
+            raise ValueError(f"window width must be positive, got {self.width}")
+
+    @property
+    def low(self) -> float:
+        return self.center - self.width / 2.0
+
+    @property
+    def high(self) -> float:
+        return self.center + self.width / 2.0
+
+
+STANDARD_WINDOWS: dict[str, Window] = {
+    "brain": Window(40.0, 80.0),
+    "subdural": Window(80.0, 200.0),
+    "bone": Window(600.0, 2800.0),
+    "stroke": Window(32.0, 8.0),
+    "soft_tissue": Window(40.0, 380.0),
+}
+"""Named windows; configs refer to these by name or give ``{center, width}`` explicitly."""
+
+DEFAULT_WINDOWS: tuple[str, ...] = ("brain", "subdural", "bone")
+
+# Brain tissue, CSF and blood lie in this range; used to tell brain slices from the vertex/base.
+BRAIN_HU_RANGE: tuple[float, float] = (0.0, 100.0)
+
+
+def resolve_window(window: str | Window | tuple[float, float] | dict) -> Window:
+    """Turn a name, a ``(center, width)`` pair or a mapping into a :class:`Window`."""
+    if isinstance(window, Window):
+        return window
+    if isinstance(window, str):
+        try:
+            return STANDARD_WINDOWS[window]
+        except KeyError:
+            valid = ", ".join(sorted(STANDARD_WINDOWS))
+            raise ValueError(f"unknown window {window!r}; valid: {valid}") from None
+    if isinstance(window, dict):
+        return Window(float(window["center"]), float(window["width"]))
+    center, width = window
+    return Window(float(center), float(width))
+
+
+def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Map HU linearly to [0, 1]: ``center - width/2`` -> 0 and ``center + width/2`` -> 1.
+
+    Values outside the window are clipped. Output is float32.
+    """
+    if width <= 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    low = center - width / 2.0
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(low)) / np.float32(width)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def stack_windows(
+    hu: np.ndarray, windows: Sequence[str | Window | tuple[float, float]] = DEFAULT_WINDOWS
+) -> np.ndarray:
+    """Window ``hu`` once per window and stack the results on a new axis before the last two.
+
+    ``(..., H, W)`` -> ``(..., C, H, W)`` with C = len(windows).
+    """
+    resolved = [resolve_window(w) for w in windows]
+    if not resolved:
+        raise ValueError("at least one window is needed")
+    hu = np.asarray(hu, dtype=np.float32)
+    out = np.empty(hu.shape[:-2] + (len(resolved),) + hu.shape[-2:], dtype=np.float32)
+    for index, w in enumerate(resolved):
+        out[..., index, :, :] = window(hu, w.center, w.width)
+    return out
+
+
+def neighbour_indices(num_slices: int, index: int, context: int) -> list[int]:
+    """Slice indices ``index-context .. index+context``, repeating the edge slices."""
+    if context < 0:
+        raise ValueError("context must be >= 0")
+    return [min(max(index + offset, 0), num_slices - 1) for offset in range(-context, context + 1)]
+
+
+def slice_channels(
+    volume_hu: np.ndarray,
+    index: int,
+    windows: Sequence[str | Window | tuple[float, float]] = DEFAULT_WINDOWS,
+    context: int = 0,
+) -> np.ndarray:
+    """Channels for one slice of a ``(Z, H, W)`` volume, optionally 2.5D.
+
+    With ``context = k`` the windows of slices ``z-k .. z+k`` are concatenated (edges repeated):
+    ``C = len(windows) * (2k + 1)``, ordered slice-major (all windows of z-k first).
+    """
+    picks = neighbour_indices(volume_hu.shape[0], index, context)
+    stacked = stack_windows(volume_hu[picks], windows)  # (2k+1, C, H, W)
+    return stacked.reshape(-1, *stacked.shape[-2:])
+
+
+def brain_fraction(hu: np.ndarray, hu_range: tuple[float, float] = BRAIN_HU_RANGE) -> np.ndarray:
+    """Fraction of pixels within ``hu_range`` per slice (over the last two axes)."""
+    hu = np.asarray(hu)
+    inside = (hu >= hu_range[0]) & (hu <= hu_range[1])
+    return inside.reshape(*hu.shape[:-2], -1).mean(axis=-1)
+
+
+def nonblank_slices(
+    volume_hu: np.ndarray,
+    min_fraction: float = 0.2,
+    hu_range: tuple[float, float] = BRAIN_HU_RANGE,
+    within: np.ndarray | None = None,
+) -> np.ndarray:
+    """Boolean per slice: True where at least ``min_fraction`` of pixels are brain-range HU.
+
+    Args:
+        volume_hu: ``(Z, H, W)``.
+        min_fraction: threshold on the fraction of brain-range pixels.
+        hu_range: HU interval counted as brain.
+        within: optional ``(Z, H, W)`` mask; the fraction is then taken inside the head
+            (pixels above -500 HU) instead of the whole field of view, which is steadier when
+            the head fills a varying part of the image.
+    """
+    if within is None:
+        return brain_fraction(volume_hu, hu_range) >= min_fraction
+    inside = (volume_hu >= hu_range[0]) & (volume_hu <= hu_range[1]) & within
+    denominator = np.maximum(within.reshape(within.shape[0], -1).sum(axis=1), 1)
+    return inside.reshape(inside.shape[0], -1).sum(axis=1) / denominator >= min_fraction
+
+
+def resize_slices(images: np.ndarray, size: tuple[int, int], order: int = 1) -> np.ndarray:
+    """Resize the last two axes to ``size`` (bilinear for images, ``order=0`` for labels)."""
+    from scipy.ndimage import zoom
+
+    images = np.asarray(images)
+    height, width = images.shape[-2:]
+    if (height, width) == tuple(size):
+        return images.copy()
+    factors = (1.0,) * (images.ndim - 2) + (size[0] / height, size[1] / width)
+    out = zoom(images, factors, order=order, grid_mode=True, mode="nearest")
+    return out.astype(images.dtype, copy=False)
+
+
+def center_crop_or_pad(images: np.ndarray, size: tuple[int, int], fill: float) -> np.ndarray:
+    """Crop or pad the last two axes around the center to ``size``."""
+    images = np.asarray(images)
+    height, width = images.shape[-2:]
+    out = np.full(images.shape[:-2] + tuple(size), fill, dtype=images.dtype)
+    src_y, dst_y, len_y = _overlap(height, size[0])
+    src_x, dst_x, len_x = _overlap(width, size[1])
+    out[..., dst_y : dst_y + len_y, dst_x : dst_x + len_x] = images[
+        ..., src_y : src_y + len_y, src_x : src_x + len_x
+    ]
+    return out
+
+
+def _overlap(source: int, target: int) -> tuple[int, int, int]:
+    if source >= target:
+        return (source - target) // 2, 0, target
+    return 0, (target - source) // 2, source

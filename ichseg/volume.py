@@ -1,0 +1,132 @@
+"""The one CT type every reader returns and every writer consumes.
+
+Array layout is ``(z, y, x)`` = (slice, row, column). The affine follows the NIfTI/nibabel
+convention: it maps the voxel index ``(x, y, z)`` = (column, row, slice) to RAS+ millimetres,
+so ``nibabel.Nifti1Image(volume.hu.transpose(2, 1, 0), volume.affine)`` is the volume on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SUBTYPES: tuple[str, ...] = (
+    "any",
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+)
+"""The six RSNA labels, in the order every table and model output of ichseg uses."""
+
+HEMORRHAGE_CODES: dict[int, str] = {
+    1: "epidural",
+    2: "intraparenchymal",
+    3: "intraventricular",
+    4: "subarachnoid",
+    5: "subdural",
+}
+"""Values of a hemorrhage label map (0 = none)."""
+
+AIR_HU = -1000.0
+
+
+@dataclass
+class CTVolume:
+    """A CT volume in Hounsfield units with its geometry and provenance.
+
+    Attributes:
+        hu: float32 array ``(z, y, x)`` in HU.
+        affine: 4x4 voxel ``(x, y, z)`` -> RAS+ mm (NIfTI convention).
+        source: file or folder the volume was read from.
+        series_uid: SeriesInstanceUID, or a stable id derived from the file name for NIfTI.
+        slice_positions: position of each slice along the slice normal, in mm, ascending.
+        sop_uids: SOPInstanceUID per slice ("" when unknown, e.g. NIfTI).
+        instance_numbers: InstanceNumber per slice (None when unknown).
+        metadata: PatientID, StudyInstanceUID, age, sex, KVP, manufacturer, kernel, ...
+        warnings: quirks found while reading (tilt, missing slices, 12-bit fix, ...).
+    """
+
+    hu: np.ndarray
+    affine: np.ndarray
+    source: str
+    series_uid: str
+    slice_positions: np.ndarray
+    sop_uids: list[str] = field(default_factory=list)
+    instance_numbers: list[int | None] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.hu.ndim != 3:
+            raise ValueError(f"hu must be 3D (z, y, x), got shape {self.hu.shape}")
+        self.hu = np.ascontiguousarray(self.hu, dtype=np.float32)
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"affine must be 4x4, got {self.affine.shape}")
+        n = self.hu.shape[0]
+        self.slice_positions = np.asarray(self.slice_positions, dtype=np.float64)
+        if self.slice_positions.shape != (n,):
+            raise ValueError("slice_positions needs one entry per slice")
+        if not self.sop_uids:
+            self.sop_uids = [""] * n
+        if not self.instance_numbers:
+            self.instance_numbers = [None] * n
+        if len(self.sop_uids) != n or len(self.instance_numbers) != n:
+            raise ValueError("sop_uids and instance_numbers need one entry per slice")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)  # type: ignore[return-value]
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.hu.shape[0])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (z, y, x) in mm, from the affine's column norms."""
+        sx, sy, sz = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return float(sz), float(sy), float(sx)
+
+    @property
+    def patient_id(self) -> str:
+        return str(self.metadata.get("PatientID") or self.series_uid)
+
+    @property
+    def study_uid(self) -> str:
+        return str(self.metadata.get("StudyInstanceUID") or self.series_uid)
+
+    def to_nifti(self, data: np.ndarray | None = None, dtype: Any = None):
+        """A nibabel image of ``data`` (default: the HU) on this volume's grid."""
+        import nibabel as nib
+
+        array = self.hu if data is None else np.asarray(data)
+        if array.shape != self.hu.shape:
+            raise ValueError(f"data shape {array.shape} differs from volume {self.hu.shape}")
+        if dtype is not None:
+            array = array.astype(dtype)
+        image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), self.affine)
+        image.header.set_xyzt_units("mm")
+        image.set_qform(self.affine, code=1)
+        image.set_sform(self.affine, code=1)
+        return image
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-type description used by ``ichseg inspect``."""
+        hu = self.hu
+        return {
+            "source": self.source,
+            "series_uid": self.series_uid,
+            "patient_id": self.patient_id,
+            "num_slices": self.num_slices,
+            "shape": list(self.shape),
+            "spacing_mm": [round(s, 4) for s in self.spacing],
+            "hu_min": float(hu.min()),
+            "hu_median": float(np.median(hu)),
+            "hu_max": float(hu.max()),
+            "warnings": list(self.warnings),
+        }

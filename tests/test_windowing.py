@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from ichseg.preprocess.windowing import (
+    STANDARD_WINDOWS,
+    Window,
+    center_crop_or_pad,
+    neighbour_indices,
+    nonblank_slices,
+    resize_slices,
+    resolve_window,
+    slice_channels,
+    stack_windows,
+    window,
+)
+
+
+def test_window_hand_computed_brain():
+    # brain 40/80 spans 0..80 HU
+    hu = np.array([-1000.0, 0.0, 20.0, 40.0, 60.0, 80.0, 1000.0])
+    expected = np.array([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    np.testing.assert_allclose(window(hu, 40, 80), expected, atol=1e-7)
+
+
+def test_window_hand_computed_subdural_and_bone():
+    # subdural 80/200 spans -20..180; bone 600/2800 spans -800..2000
+    np.testing.assert_allclose(window(np.array([-20.0, 30.0, 180.0]), 80, 200), [0, 0.25, 1])
+    np.testing.assert_allclose(window(np.array([-800.0, 600.0, 1300.0]), 600, 2800), [0, 0.5, 0.75])
+
+
+def test_window_rejects_nonpositive_width():
+    with pytest.raises(ValueError, match="width"):
+        window(np.zeros(3), 40, 0)
+    with pytest.raises(ValueError):
+        Window(40, -1)
+
+
+def test_named_windows_and_resolution():
+    assert STANDARD_WINDOWS["brain"] == Window(40, 80)
+    assert STANDARD_WINDOWS["subdural"] == Window(80, 200)
+    assert resolve_window((30, 60)) == Window(30, 60)
+    assert resolve_window({"center": 1, "width": 2}) == Window(1, 2)
+    with pytest.raises(ValueError, match="valid: bone, brain"):
+        resolve_window("brian")
+
+
+def test_stack_windows_shape_and_values():
+    hu = np.full((2, 4, 5), 40.0, dtype=np.float32)
+    out = stack_windows(hu, ["brain", "subdural", "bone"])
+    assert out.shape == (2, 3, 4, 5)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0], 0.5)
+    np.testing.assert_allclose(out[:, 1], 0.3)
+    np.testing.assert_allclose(out[:, 2], (40 + 800) / 2800, rtol=1e-6)
+
+
+def test_neighbour_indices_repeat_edges():
+    assert neighbour_indices(5, 0, 2) == [0, 0, 0, 1, 2]
+    assert neighbour_indices(5, 4, 1) == [3, 4, 4]
+    assert neighbour_indices(1, 0, 1) == [0, 0, 0]
+
+
+def test_slice_channels_two_and_a_half_d_order():
+    volume = np.stack([np.full((3, 3), v, dtype=np.float32) for v in (0.0, 40.0, 80.0)])
+    out = slice_channels(volume, 0, windows=["brain"], context=1)
+    # z-1 repeats slice 0, then slice 0, then slice 1
+    np.testing.assert_allclose(out[:, 0, 0], [0.0, 0.0, 0.5])
+    out2 = slice_channels(volume, 1, windows=["brain", "subdural"], context=1)
+    assert out2.shape == (6, 3, 3)
+    np.testing.assert_allclose(out2[:, 1, 1], [0.0, 0.1, 0.5, 0.3, 1.0, 0.5])
+
+
+def test_nonblank_slices_threshold():
+    volume = np.full((3, 10, 10), -1000.0, dtype=np.float32)
+    volume[1, :3] = 30.0  # 30 % brain-range pixels
+    volume[2, :1] = 30.0  # 10 %
+    assert nonblank_slices(volume, 0.2).tolist() == [False, True, False]
+
+
+def test_resize_and_crop():
+    image = np.arange(16, dtype=np.float32).reshape(4, 4)
+    assert resize_slices(image[None], (8, 8)).shape == (1, 8, 8)
+    labels = resize_slices(np.eye(4, dtype=np.uint8), (8, 8), order=0)
+    assert set(np.unique(labels)) <= {0, 1}
+    padded = center_crop_or_pad(image, (6, 2), fill=-1)
+    assert padded.shape == (6, 2)
+    assert padded[0, 0] == -1 and padded[1, 0] == image[0, 1]
