@@ -1,0 +1,253 @@
+"""Typed run configuration: YAML -> validated pydantic models, base + delta merge.
+
+A config file may name a ``base`` file (relative to itself); the file's keys are merged over the
+base recursively, so an ablation rung is a few lines. Unknown keys fail at load and the error
+names the full key path (``model.nmae``). The resolved config is saved beside every run.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ichseg.errors import ConfigError
+from ichseg.volume import SUBTYPES
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+WindowSpec = str | dict[str, float]
+
+
+class PhantomDataConfig(StrictModel):
+    studies: int = Field(24, ge=3)
+    seed: int = 100
+    size: int = Field(128, ge=32)
+    slices: int = Field(24, ge=1)
+    negative_fraction: float = Field(0.4, ge=0.0, le=1.0)
+
+
+class SplitConfig(StrictModel):
+    """Patient-level split: fractions, or k folds with one held out as validation."""
+
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    folds: int | None = Field(None, ge=2)
+    fold: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class DataConfig(StrictModel):
+    source: Literal["phantom", "dicom", "nifti", "images"] = "phantom"
+    root: Path | None = None
+    labels: Path | None = None
+    phantom: PhantomDataConfig = PhantomDataConfig()
+    image_size: int = Field(128, ge=16)
+    windows: list[WindowSpec] = ["brain", "subdural", "bone"]
+    context: int = Field(0, ge=0, le=4)
+    min_brain_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    split: SplitConfig = SplitConfig()
+    cache_dir: Path | None = None
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.windows) * (2 * self.context + 1)
+
+
+class TaskConfig(StrictModel):
+    mode: Literal["multilabel", "multiclass"] = "multilabel"
+    # Multilabel: per-class loss weights; the RSNA metric weights `any` twice.
+    class_weights: list[float] | None = [2.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    # Multiclass: the class names (default: normal vs hemorrhage).
+    classes: list[str] | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.mode == "multilabel":
+            return list(SUBTYPES)
+        return self.classes or ["normal", "hemorrhage"]
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.class_names)
+
+
+class ModelConfig(StrictModel):
+    name: str = "resnet50"
+    pretrained: bool | Path = False
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    head: Literal["linear", "fc_bn"] = "linear"
+    hidden: int = Field(512, ge=8)
+
+
+class MaskingConfig(StrictModel):
+    """Intracranial masking applied to HU before windowing (rung 4 of the ladder)."""
+
+    enabled: bool = False
+    method: Literal["classical", "unet"] = "unet"
+    checkpoint: Path | None = None
+    background: Literal["air", "min"] = "air"
+    crop: bool = False
+    margin_mm: float = Field(5.0, ge=0.0)
+    dilation_mm: float = Field(2.0, ge=0.0)
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_epochs: int = Field(0, ge=0)
+    amp: bool = True
+    grad_clip: float | None = 1.0
+    early_stopping_patience: int | None = Field(5, ge=1)
+    augment: bool = True
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    balanced_sampling: bool = False
+    num_workers: int = Field(0, ge=0)
+
+
+class EvalConfig(StrictModel):
+    n_boot: int = Field(1000, ge=0)
+    threshold_rule: Literal["youden", "f1"] = "youden"
+    aggregation: Literal["max", "mean"] = "max"
+
+
+class RunConfig(StrictModel):
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    task: TaskConfig = TaskConfig()
+    model: ModelConfig = ModelConfig()
+    masking: MaskingConfig = MaskingConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\"):
+            raise ValueError("name must be non-empty and hold no path separators")
+        return value
+
+
+def deep_merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """``delta`` over ``base``: mappings merge key by key, anything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config and its chain of ``base`` files, merged, not yet validated."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: circular 'base' chain")
+    data = _read_yaml(path)
+    base_ref = data.pop("base", None)
+    if base_ref is None:
+        return data
+    base_path = Path(base_ref)
+    if not base_path.is_absolute():
+        base_path = path.parent / base_path
+    return deep_merge(load_raw(base_path, _seen + (path,)), data)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key '{location}'"
+    else:
+        message = f"'{location}': {first['msg']}"
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem(s))" if more else ""
+    return f"{source}: {message}{suffix}"
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a merged mapping into a :class:`RunConfig`, with one-line errors."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw_value = text.split("=", 1)
+    value = yaml.safe_load(raw_value) if raw_value else None
+    result: dict[str, Any] = {}
+    node = result
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return result
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Load a config file (or the defaults), apply ``extra`` then ``key=value`` overrides."""
+    data = load_raw(path) if path is not None else {}
+    if extra:
+        data = deep_merge(data, extra)
+    for override in overrides or []:
+        data = deep_merge(data, parse_override(override))
+    return validate_config(data, str(path) if path else "config")
+
+
+def save_config(config: BaseModel, path: str | Path) -> Path:
+    """Write the resolved config as YAML atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def packaged_config(relative: str) -> Path:
+    """Path of a config shipped with the package, e.g. ``ablation/01_vgg16.yaml``."""
+    path = PACKAGE_CONFIGS / relative
+    if not path.exists():
+        available = sorted(
+            str(p.relative_to(PACKAGE_CONFIGS)) for p in PACKAGE_CONFIGS.rglob("*.yaml")
+        )
+        raise ConfigError(f"no packaged config {relative!r}; available: {', '.join(available)}")
+    return path
