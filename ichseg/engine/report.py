@@ -1,0 +1,229 @@
+"""Evaluation reports on disk: metrics.json, report.md, ROC curves and confusion matrices.
+
+Figures use matplotlib's object API with the Agg canvas, so no global backend is switched and no
+display is needed. Every file is written to a temporary sibling and moved into place with
+``os.replace``, so a crash never leaves a half-written report next to a valid one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ichseg.engine.metrics import roc_curve, to_jsonable
+
+TASKS: tuple[str, ...] = ("multilabel", "multiclass")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        return str(int(value))
+    return f"{float(value):.{digits}f}"
+
+
+def _fmt_ci(value: Any, ci: Sequence[Any] | None) -> str:
+    text = _fmt(value)
+    if ci and all(c is not None for c in ci):
+        text += f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+    return text
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _markdown(metrics: dict[str, Any], task: str) -> str:
+    ci = metrics.get("ci", {})
+    boot = metrics.get("bootstrap", {})
+    level = int(round(100 * (1 - boot.get("alpha", 0.05))))
+    lines = [f"# Evaluation report ({task})", ""]
+    lines += [f"Samples: {metrics.get('n', 'n/a')}", ""]
+    if boot:
+        lines.append(
+            f"Intervals: {level} % percentile bootstrap, {boot.get('n_boot')} resamples of "
+            f"{boot.get('n_units')} {boot.get('unit')} units (seed {boot.get('seed')})."
+        )
+    lines.append("")
+    per_class = metrics.get("per_class", {})
+    if task == "multilabel":
+        lines.append(f"Thresholds: {metrics.get('threshold_source', 'n/a')}.")
+        lines.append("")
+        header = ["class", "n+", "AUROC", "AP", "sens", "spec", "F1", "threshold"]
+        rows = [
+            [
+                name,
+                _fmt(m.get("n_positive")),
+                _fmt(m.get("auroc")),
+                _fmt(m.get("ap")),
+                _fmt(m.get("sensitivity")),
+                _fmt(m.get("specificity")),
+                _fmt(m.get("f1")),
+                _fmt(m.get("threshold")),
+            ]
+            for name, m in per_class.items()
+        ]
+        lines += _table(header, rows) + ["", "## Summary", ""]
+        summary = [
+            ["AUROC (any)", _fmt_ci(metrics.get("auroc_any"), ci.get("auroc_any"))],
+            ["macro AUROC", _fmt_ci(metrics.get("macro_auroc"), ci.get("macro_auroc"))],
+            [
+                "weighted log loss",
+                _fmt_ci(metrics.get("weighted_log_loss"), ci.get("weighted_log_loss")),
+            ],
+            ["macro AP", _fmt(metrics.get("macro_ap"))],
+            ["accuracy (any)", _fmt(metrics.get("accuracy"))],
+            ["series AUROC (any)", _fmt(metrics.get("series_auroc_any"))],
+            ["series macro AUROC", _fmt(metrics.get("series_macro_auroc"))],
+        ]
+    else:
+        header = ["class", "support", "AUROC", "precision", "recall", "F1"]
+        rows = [
+            [
+                name,
+                _fmt(m.get("support")),
+                _fmt(m.get("auroc")),
+                _fmt(m.get("precision")),
+                _fmt(m.get("recall")),
+                _fmt(m.get("f1")),
+            ]
+            for name, m in per_class.items()
+        ]
+        lines += _table(header, rows) + ["", "## Summary", ""]
+        summary = [
+            ["accuracy", _fmt_ci(metrics.get("accuracy"), ci.get("accuracy"))],
+            ["macro AUROC", _fmt_ci(metrics.get("macro_auroc"), ci.get("macro_auroc"))],
+            ["log loss", _fmt_ci(metrics.get("log_loss"), ci.get("log_loss"))],
+            ["macro F1", _fmt(metrics.get("macro_f1"))],
+        ]
+    lines += _table(["metric", f"value [{level} % CI]"], summary)
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _atomic_write(path, buffer.getvalue())
+
+
+def _roc_figure(
+    y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str], aucs: Sequence[Any]
+) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 6))
+    ax = fig.add_subplot()
+    for k, name in enumerate(class_names):
+        if y_true[:, k].min() == y_true[:, k].max():
+            continue  # no ROC curve without both label values
+        fpr, tpr, _ = roc_curve(y_true[:, k], y_prob[:, k])
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {_fmt(aucs[k])})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title("ROC curves")
+    ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
+def _draw_matrix(ax: Any, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:
+    ax.imshow(matrix, cmap="Blues")
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize="small")
+    ax.set_yticks(ticks, labels, fontsize="small")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize="medium")
+    high = matrix.max() if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        color = "white" if high and count > high / 2 else "black"
+        ax.text(j, i, str(int(count)), ha="center", va="center", color=color, fontsize="small")
+
+
+def _confusion_figure(metrics: dict[str, Any], class_names: Sequence[str], task: str) -> Any:
+    from matplotlib.figure import Figure
+
+    if task == "multiclass":
+        k = len(class_names)
+        fig = Figure(figsize=(1.0 + 0.8 * k, 1.0 + 0.8 * k))
+        matrix = np.asarray(metrics.get("confusion", np.zeros((k, k))), dtype=np.int64)
+        _draw_matrix(fig.add_subplot(), matrix, class_names, "confusion matrix")
+        return fig
+    cols = min(3, len(class_names))
+    rows = math.ceil(len(class_names) / cols)
+    fig = Figure(figsize=(3.2 * cols, 3.0 * rows), layout="constrained")
+    per_class = metrics.get("per_class", {})
+    for k, name in enumerate(class_names):
+        m = per_class.get(name, {})
+        matrix = np.asarray(m.get("confusion", np.zeros((2, 2))), dtype=np.int64)
+        title = f"{name} (t={_fmt(m.get('threshold'), 2)})"
+        _draw_matrix(fig.add_subplot(rows, cols, k + 1), matrix, ["neg", "pos"], title)
+    return fig
+
+
+def write_report(
+    metrics: dict[str, Any],
+    out_dir: str | Path,
+    y_true: Any,
+    y_prob: Any,
+    class_names: Sequence[str],
+    task: str,
+) -> list[Path]:
+    """Write metrics.json, report.md, roc_curves.png and confusion_matrices.png.
+
+    Args:
+        metrics: output of ``evaluate_multilabel`` or ``evaluate_multiclass``.
+        out_dir: folder, created when missing.
+        y_true: ``(N, K)`` 0/1 labels (multilabel) or ``(N,)`` class indices (multiclass).
+        y_prob: ``(N, K)`` probabilities.
+        class_names: ``K`` names.
+        task: ``"multilabel"`` or ``"multiclass"``.
+
+    Returns:
+        The written paths, in the order above.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prob = np.asarray(y_prob, dtype=np.float64)
+    if task == "multiclass":
+        truth = np.eye(prob.shape[1])[np.asarray(y_true, dtype=np.int64)]
+    else:
+        truth = np.asarray(y_true, dtype=np.float64).reshape(prob.shape)
+    names = list(class_names)
+    per_class = metrics.get("per_class", {})
+    aucs = [per_class.get(name, {}).get("auroc") for name in names]
+
+    paths = [out / n for n in ("metrics.json", "report.md", "roc_curves.png")]
+    paths.append(out / "confusion_matrices.png")
+    text = json.dumps(to_jsonable(metrics), indent=2, allow_nan=False)
+    _atomic_write(paths[0], (text + "\n").encode())
+    _atomic_write(paths[1], _markdown(metrics, task).encode())
+    _save_figure(_roc_figure(truth, prob, names, aucs), paths[2])
+    _save_figure(_confusion_figure(metrics, names, task), paths[3])
+    return paths

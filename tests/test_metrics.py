@@ -1,0 +1,242 @@
+"""Metrics against hand computations, bootstrap behaviour, JSON output and report files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ichseg.engine import (
+    aggregate_by_series,
+    bootstrap_ci,
+    bootstrap_distribution,
+    choose_thresholds,
+    classification_report,
+    evaluate_multiclass,
+    evaluate_multilabel,
+    fast_auroc,
+    mean_ci,
+    multiclass_log_loss,
+    nanmean,
+    per_class_auroc,
+    per_class_average_precision,
+    roc_curve,
+    rsna_weighted_log_loss,
+    series_auroc,
+    threshold_metrics,
+    write_report,
+)
+from ichseg.volume import SUBTYPES
+
+
+def _toy(n: int, seed: int = 0, rate: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 6)) < rate).astype(float)
+    y[:, 0] = y[:, 1:].max(1)
+    p = np.clip(0.35 * y + 0.65 * rng.random((n, 6)), 0, 1)
+    return y, p
+
+
+def test_weighted_log_loss_by_hand() -> None:
+    y = [[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]]
+    p = [[0.9, 0.1, 0.2, 0.1, 0.1, 0.6], [0.2, 0.1, 0.1, 0.1, 0.1, 0.3]]
+    ln = math.log
+    first = (2 * -ln(0.9) - ln(0.9) - ln(0.8) - ln(0.9) - ln(0.9) - ln(0.6)) / 7
+    second = (2 * -ln(0.8) - 4 * ln(0.9) - ln(0.7)) / 7
+    assert rsna_weighted_log_loss(y, p) == pytest.approx((first + second) / 2, rel=1e-9)
+    # A certain mistake is clipped, not infinite.
+    clipped = rsna_weighted_log_loss([[1, 0, 0, 0, 0, 0]], [[0, 0, 0, 0, 0, 0]], eps=1e-7)
+    assert clipped == pytest.approx((2 * -ln(1e-7) - 5 * ln(1 - 1e-7)) / 7)
+
+
+def test_auroc_perfect_inverse_and_single_class() -> None:
+    y = np.array([[0, 1, 0], [0, 1, 1], [1, 1, 0], [1, 1, 1]], float)
+    p = np.array([[0.1, 0.2, 0.9], [0.2, 0.3, 0.1], [0.8, 0.4, 0.8], [0.9, 0.5, 0.2]])
+    auc = per_class_auroc(y, p)
+    assert auc[0] == pytest.approx(1.0)
+    assert math.isnan(auc[1])  # column 1 is all positive
+    assert auc[2] == pytest.approx(0.0)
+    ap = per_class_average_precision(y, p)
+    assert ap[0] == pytest.approx(1.0) and math.isnan(ap[1])
+    assert nanmean(auc) == pytest.approx(0.5)
+    assert math.isnan(nanmean([math.nan, math.nan]))
+
+
+def test_fast_auroc_matches_torchmetrics_with_ties() -> None:
+    y, p = _toy(300, seed=1)
+    p = np.round(p, 1)  # many ties
+    y[:, 3] = 0  # one class without positives
+    np.testing.assert_allclose(fast_auroc(y, p), per_class_auroc(y, p), atol=1e-6)
+
+
+def test_roc_curve_endpoints() -> None:
+    fpr, tpr, thr = roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.isinf(thr[0]) and np.all(np.diff(thr) < 0)
+
+
+def test_youden_thresholds_on_separable_data() -> None:
+    y = np.array([[0], [0], [0], [1], [1]], float)
+    p = np.array([[0.1], [0.2], [0.3], [0.6], [0.7]])
+    thr = choose_thresholds(y, p, "youden")
+    assert thr[0] == pytest.approx(0.6)
+    m = threshold_metrics(y, p, thr)
+    assert m["sensitivity"][0] == 1.0 and m["specificity"][0] == 1.0 and m["f1"][0] == 1.0
+    assert choose_thresholds(y, p, "f1")[0] == pytest.approx(0.6)
+    assert choose_thresholds(np.zeros((3, 1)), np.ones((3, 1)))[0] == 0.5
+    with pytest.raises(ValueError):
+        choose_thresholds(y, p, "accuracy")
+
+
+def test_threshold_metrics_by_hand() -> None:
+    y = np.array([[1], [1], [1], [0], [0], [0], [0]], float)
+    p = np.array([[0.9], [0.6], [0.2], [0.7], [0.1], [0.3], [0.4]])
+    m = threshold_metrics(y, p, 0.5)
+    assert m["confusion"][0].tolist() == [[3, 1], [1, 2]]  # [[tn, fp], [fn, tp]]
+    assert m["sensitivity"][0] == pytest.approx(2 / 3)
+    assert m["specificity"][0] == pytest.approx(3 / 4)
+    assert m["precision"][0] == pytest.approx(2 / 3)
+    assert m["f1"][0] == pytest.approx(2 / 3)
+    assert m["accuracy"][0] == pytest.approx(5 / 7)
+    # No positives and nothing predicted: sensitivity, precision and F1 are undefined.
+    empty = threshold_metrics(np.zeros((3, 1)), np.zeros((3, 1)), 0.5)
+    assert math.isnan(empty["sensitivity"][0]) and math.isnan(empty["f1"][0])
+    report = classification_report(y, p, [0.5], ["any"])
+    assert report["any"]["recall"] == pytest.approx(2 / 3) and report["any"]["support"] == 3
+    assert json.dumps(report, allow_nan=False)
+
+
+def test_series_aggregation_by_max() -> None:
+    y = np.array([[0, 0], [1, 1], [0, 0], [0, 0], [0, 1]], float)
+    p = np.array([[0.1, 0.2], [0.3, 0.9], [0.2, 0.1], [0.05, 0.4], [0.6, 0.3]])
+    ids, ys, ps = aggregate_by_series(y, p, ["b", "b", "a", "a", "c"])
+    assert ids.tolist() == ["a", "b", "c"]
+    assert ys.tolist() == [[0, 0], [1, 1], [0, 1]]
+    np.testing.assert_allclose(ps, [[0.2, 0.4], [0.3, 0.9], [0.6, 0.3]])
+    # Slice AUROC is imperfect; the series maxima separate "any" perfectly.
+    s = series_auroc(
+        np.array([[1], [0], [0], [0]], float),
+        np.array([[0.1], [0.9], [0.2], [0.3]]),
+        [1, 1, 2, 3],
+    )
+    assert s["n_series"] == 3 and s["auroc_any"] == pytest.approx(1.0)
+
+
+def _macro(yt: np.ndarray, yp: np.ndarray) -> float:
+    return nanmean(fast_auroc(yt, yp))
+
+
+def test_bootstrap_ci_contains_estimate_and_shrinks() -> None:
+    small_y, small_p = _toy(150, seed=2)
+    big_y, big_p = _toy(1500, seed=2)
+    lo_s, hi_s = bootstrap_ci(_macro, small_y, small_p, n_boot=200, seed=0)
+    lo_b, hi_b = bootstrap_ci(_macro, big_y, big_p, n_boot=200, seed=0)
+    assert lo_s <= _macro(small_y, small_p) <= hi_s
+    assert lo_b <= _macro(big_y, big_p) <= hi_b
+    assert hi_b - lo_b < hi_s - lo_s
+    assert bootstrap_ci(_macro, small_y, small_p, n_boot=50, seed=3) == bootstrap_ci(
+        _macro, small_y, small_p, n_boot=50, seed=3
+    )
+
+
+def test_group_bootstrap_resamples_whole_groups() -> None:
+    groups = np.repeat(np.arange(10), [1, 2, 3, 4, 5, 1, 2, 3, 4, 5])
+    ids = groups.astype(float)[:, None]
+
+    def whole_groups(yt: np.ndarray, yp: np.ndarray) -> float:
+        counts = np.bincount(yp[:, 0].astype(int), minlength=10)
+        sizes = np.bincount(groups, minlength=10)
+        return float(np.all(counts % sizes == 0))
+
+    values = bootstrap_distribution(whole_groups, ids, ids, groups=groups, n_boot=100)
+    assert values.size == 100 and np.all(values == 1.0)
+
+
+def test_group_bootstrap_skips_nan_resamples() -> None:
+    # All positives sit in group 0: resamples that miss it have no positives, AUROC NaN.
+    groups = np.repeat(np.arange(5), 4)
+    y = np.zeros((20, 1))
+    y[:3, 0] = 1
+    p = np.linspace(0, 1, 20)[:, None]
+    values = bootstrap_distribution(_macro, y, p, groups=groups, n_boot=200, seed=0)
+    # P(group 0 missing) = (4/5)^5 ~ 0.33, so about a third are skipped.
+    assert 80 < values.size < 190
+    low, high = bootstrap_ci(_macro, y, p, groups=groups, n_boot=200, seed=0)
+    assert np.isfinite([low, high]).all() and low <= high
+    # Row-level resampling almost never loses all three positives.
+    rows = bootstrap_distribution(_macro, y, p, n_boot=200, seed=0)
+    assert rows.size > values.size
+
+
+def test_mean_ci_by_hand() -> None:
+    mean, low, high = mean_ci([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2} * sd(=1) / sqrt(3)
+    assert mean == pytest.approx(2.0)
+    assert (low, high) == pytest.approx((2.0 - half, 2.0 + half))
+    assert mean_ci([0.8], alpha=0.05)[0] == 0.8 and math.isnan(mean_ci([0.8])[1])
+
+
+def test_evaluate_multilabel_is_strict_json() -> None:
+    y, p = _toy(120, seed=4, rate=0.04)
+    y[:, 1] = 0  # a subtype absent from the test set: undefined values must become None
+    series = np.repeat(np.arange(30), 4)
+    val_y, val_p = _toy(120, seed=5)
+    thr = choose_thresholds(val_y, val_p)
+    result = evaluate_multilabel(y, p, series_ids=series, thresholds=thr, n_boot=100)
+    text = json.dumps(result, allow_nan=False)
+    assert json.loads(text) == result
+    assert list(result["per_class"]) == list(SUBTYPES)
+    assert result["per_class"]["epidural"]["auroc"] is None
+    assert result["per_class"]["any"]["confusion"][1][1] >= 0
+    assert result["auroc_any"] == pytest.approx(result["per_class"]["any"]["auroc"])
+    assert result["series_auroc_any"] is not None and result["n_series"] == 30
+    assert result["bootstrap"]["unit"] == "series" and result["threshold_source"] == "given"
+    for key in ("auroc_any", "macro_auroc", "weighted_log_loss"):
+        low, high = result["ci"][key]
+        assert low <= result[key] <= high, key
+
+
+def test_evaluate_multiclass_is_strict_json() -> None:
+    y = np.array([0, 0, 1, 1, 2, 2, 2, 0])
+    p = np.array(
+        [
+            [0.8, 0.1, 0.1],
+            [0.4, 0.5, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.2, 0.7, 0.1],
+            [0.1, 0.1, 0.8],
+            [0.3, 0.3, 0.4],
+            [0.5, 0.2, 0.3],
+            [0.6, 0.2, 0.2],
+        ]
+    )
+    result = evaluate_multiclass(y, p, ["none", "small", "large"], n_boot=50)
+    assert json.loads(json.dumps(result, allow_nan=False)) == result
+    assert result["accuracy"] == pytest.approx(6 / 8)
+    assert result["confusion"] == [[2, 1, 0], [0, 2, 0], [1, 0, 2]]
+    assert result["per_class"]["none"]["precision"] == pytest.approx(2 / 3)
+    assert result["log_loss"] == pytest.approx(multiclass_log_loss(y, p))
+    assert result["log_loss"] == pytest.approx(-np.mean(np.log(p[np.arange(8), y])))
+
+
+def test_write_report_creates_files(tmp_path) -> None:
+    y, p = _toy(60, seed=6)
+    metrics = evaluate_multilabel(y, p, n_boot=20)
+    paths = write_report(metrics, tmp_path / "ml", y, p, SUBTYPES, "multilabel")
+    names = [path.name for path in paths]
+    assert names == ["metrics.json", "report.md", "roc_curves.png", "confusion_matrices.png"]
+    assert all(path.is_file() and path.stat().st_size > 0 for path in paths)
+    assert json.loads(paths[0].read_text()) == metrics
+    md = paths[1].read_text()
+    assert "| class |" in md and "macro AUROC" in md and "intraventricular" in md
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "ml").glob(".*.tmp"))
+
+    yc = np.array([0, 1, 2, 1, 0, 2])
+    pc = np.eye(3)[[0, 1, 1, 1, 0, 2]] * 0.7 + 0.1
+    mc = evaluate_multiclass(yc, pc, ["a", "b", "c"], n_boot=20)
+    paths = write_report(mc, tmp_path / "mc", yc, pc, ["a", "b", "c"], "multiclass")
+    assert all(path.is_file() for path in paths)
+    assert "log loss" in paths[1].read_text()
