@@ -187,28 +187,40 @@ def preprocess_volume(
     volume: CTVolume,
     data: DataConfig,
     masking: MaskingConfig,
-    masker: Masker | None,
+    masker: Masker | None = None,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Windowed uint8 slices ``(Z, C, S, S)`` of one volume, masked when configured."""
+    """Windowed uint8 slices ``(Z, C, S, S)`` of one volume, masked when configured.
+
+    Args:
+        volume: the CT.
+        data: windows, 2.5D context and output size.
+        masking: whether and how to mask.
+        masker: computes the intracranial mask when masking is enabled and ``mask`` is None.
+        mask: a mask already computed for this volume (inference writes it out as well).
+    """
     from ichseg.preprocess.windowing import resize_slices, slice_channels
 
     hu = volume.hu
-    if masking.enabled:
-        from ichseg.segmentation.masking import apply_mask, crop_to_mask
-
+    if masking.enabled and mask is None:
         if masker is None:
             raise InputError(None, "masking is enabled but no segmenter was given")
         mask = masker(volume)
-        spacing = volume.spacing
-        hu = apply_mask(
-            hu, mask, mode=masking.background, dilation_mm=masking.dilation_mm, spacing=spacing[1:]
-        )
+    pixel_spacing = volume.spacing[1:]
+    if masking.enabled:
+        from ichseg.segmentation.masking import apply_mask, crop_to_mask
+
+        if masking.background == "air":
+            hu = apply_mask(hu, mask, "air", masking.dilation_mm, pixel_spacing)
         if masking.crop:
-            hu, _ = crop_to_mask(hu, mask, margin_mm=masking.margin_mm, spacing=spacing[1:])
+            hu, box = crop_to_mask(hu, mask, masking.margin_mm, pixel_spacing)
+            mask = mask[:, box[0] : box[1], box[2] : box[3]]
     size = (data.image_size, data.image_size)
     channels = np.stack(
         [slice_channels(hu, z, data.windows, data.context) for z in range(hu.shape[0])]
     )
+    if masking.enabled and masking.background == "min":
+        channels = apply_mask(channels, mask, "min", masking.dilation_mm, pixel_spacing)
     channels = resize_slices(channels, size)
     return np.clip(np.rint(channels * 255.0), 0, 255).astype(np.uint8)
 
@@ -438,7 +450,7 @@ class SliceDataset:
         import torch
 
         index = int(self.indices[position])
-        image = np.asarray(self.slices.images[index])  # (C, H, W) uint8
+        image = np.array(self.slices.images[index])  # (C, H, W) uint8, a writable copy
         if self.augmentation is not None:
             image = self.augmentation(image=image.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)

@@ -51,6 +51,7 @@ def read_nifti(path: str | Path) -> CTVolume:
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise InputError(path, f"{bad} voxel(s) are NaN or Inf")
+    _refuse_label_map(path, image, data)
     warnings: list[str] = []
     if data.min() >= _RAW_VALUE_HINT[0] and data.max() > _RAW_VALUE_HINT[1]:
         warnings.append(
@@ -74,6 +75,21 @@ def read_nifti(path: str | Path) -> CTVolume:
         metadata={"PatientID": stem, "StudyInstanceUID": stem, "SeriesInstanceUID": series_uid},
         warnings=warnings,
     )
+
+
+# A CT has thousands of distinct values; a mask or label map stored as integers has a handful.
+_LABEL_MAP_MAX_VALUES = 16
+
+
+def _refuse_label_map(path: Path, image, data: np.ndarray) -> None:
+    if not np.issubdtype(image.get_data_dtype(), np.integer):
+        return
+    sample = data[:: max(1, data.shape[0] // 8)]
+    values = np.unique(sample)
+    if len(values) <= _LABEL_MAP_MAX_VALUES and values.min() >= 0 and values.max() < 256:
+        raise InputError(
+            path, f"looks like a mask or label map ({len(values)} distinct values), not a CT"
+        )
 
 
 def write_nifti_atomic(image, path: str | Path) -> Path:
