@@ -137,3 +137,218 @@ def phantom(
 def run() -> None:
     """Entry point that keeps the exit code of typer."""
     sys.exit(app())
+
+
+ConfigArg = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML run config (may name a base).")
+]
+OverrideOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set train.epochs=3."),
+]
+
+
+@app.command()
+@user_errors
+def train(
+    out: Annotated[Path, typer.Argument(help="Run folder (checkpoints, metrics, report).")],
+    config: ConfigArg = None,
+    overrides: OverrideOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    segmenter: Annotated[
+        Path | None, typer.Option(help="U-Net checkpoint for masked configs.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Train a classifier from a YAML config; torchrun-aware (DDP on CPU with gloo or GPU)."""
+    from ichseg.config import load_config
+    from ichseg.engine.ablation import masker_for_config
+    from ichseg.engine.train import train as train_run
+
+    run_config = load_config(config, overrides)
+    masker = masker_for_config(run_config, segmenter)
+    result = train_run(run_config, out, resume=resume, masker=masker, progress=not quiet)
+    if result.test_metrics is not None:
+        _print_metrics(result.test_metrics)
+        typer.echo(f"report: {out / 'eval' / 'report.md'}")
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    keys = ("auroc_any", "macro_auroc", "weighted_log_loss", "series_auroc_any", "accuracy")
+    parts = [f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float)]
+    typer.echo("test: " + "  ".join(parts))
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A training run folder.")],
+    split: Annotated[str, typer.Option(help="val | test")] = "test",
+    segmenter: Annotated[Path | None, typer.Option(help="U-Net checkpoint if masked.")] = None,
+) -> None:
+    """Re-evaluate a run's best checkpoint on its held-out split (patient-level)."""
+    from ichseg.engine.ablation import masker_for_config
+    from ichseg.engine.evaluate import evaluate_run, load_run
+
+    if split not in ("val", "test"):
+        _fail(f"--split must be val or test, got {split!r}")
+    run_config, _ = load_run(run)
+    metrics = evaluate_run(run, split=split, masker=masker_for_config(run_config, segmenter))
+    _print_metrics(metrics)
+    typer.echo(f"report: {run / 'eval' / 'report.md'}")
+
+
+@app.command()
+@user_errors
+def ablate(
+    configs: Annotated[
+        list[Path] | None, typer.Argument(help="Rung configs (default: the packaged ladder).")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("ablation"),
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per rung (>= 3 for CIs).")] = 3,
+    profile: Annotated[str | None, typer.Option(help="quick: small CPU profile.")] = None,
+    overrides: OverrideOpt = None,
+    segmenter: Annotated[Path | None, typer.Option(help="U-Net checkpoint for rung 4.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Run the ladder VGG16 -> ResNet50 -> +SE -> +U-Net over seeds; table with 95 % CIs."""
+    from ichseg.engine.ablation import format_table, run_ablation
+
+    result = run_ablation(
+        configs,
+        out,
+        seeds=seeds,
+        profile=profile,
+        overrides=overrides,
+        segmenter=segmenter,
+        progress=not quiet,
+    )
+    typer.echo(format_table(result.table))
+    typer.echo(f"wrote {result.csv_path}, {result.markdown_path}, {result.plot_path}")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("ichseg-demo"),
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per rung.")] = 3,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Run the whole pipeline on built-in phantom data: segmenter, ladder, report."""
+    from ichseg.demo import run_demo
+
+    run_demo(out, seeds=seeds, progress=not quiet, echo=typer.echo)
+
+
+@app.command()
+@user_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="Training run folder or exported bundle.")],
+    input: Annotated[Path, typer.Argument(help="DICOM folder tree and/or NIfTI files.")],
+    out: Annotated[Path, typer.Argument(help="Output folder (must not be inside INPUT).")],
+    aggregation: Annotated[str, typer.Option(help="Series rule: max | mean | topK.")] = "max",
+    gradcam: Annotated[bool, typer.Option(help="Grad-CAM PNGs for positive series.")] = True,
+    gradcam_slices: Annotated[int, typer.Option(min=1, help="Slices per positive series.")] = 3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    segmenter: Annotated[Path | None, typer.Option(help="Override the U-Net checkpoint.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Per-slice and per-series hemorrhage probabilities, masks and Grad-CAM for a folder."""
+    from ichseg.inference import predict as run_predict
+
+    result = run_predict(
+        model,
+        input,
+        out,
+        aggregation=aggregation,
+        gradcam=gradcam,
+        gradcam_slices=gradcam_slices,
+        batch_size=batch_size,
+        segmenter=segmenter,
+        progress=not quiet,
+    )
+    positive = sum(1 for r in result.series_rows if r.get("label_any", 0))
+    typer.echo(
+        f"{len(result.series_rows)} series, {len(result.slice_rows)} slices, "
+        f"{positive} positive; {result.seconds_per_study:.2f} s per study; "
+        f"{len(result.skipped)} file(s) skipped"
+    )
+    typer.echo(f"wrote {out / 'predictions.csv'}, {out / 'series.csv'}, {out / 'series.json'}")
+    if result.partial:
+        typer.echo(f"skipped files and reasons: {out / 'skipped.csv'}", err=True)
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+@user_errors
+def segment(
+    input: Annotated[Path, typer.Argument(help="DICOM folder tree, NIfTI file or folder.")],
+    out: Annotated[Path, typer.Argument(help="Output folder (must not be inside INPUT).")],
+    model: Annotated[Path | None, typer.Option(help="U-Net checkpoint (best.pt).")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="classical | unet (default: unet with --model).")
+    ] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="Folder of reference masks: adds Dice and HD95.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Intracranial masks as NIfTI (same grid as the image NIfTI), previews, summary."""
+    from ichseg.segmentation.api import segment_folder
+
+    chosen = method or ("unet" if model else "classical")
+    if chosen == "unet" and model is None:
+        _fail("--method unet needs --model CHECKPOINT")
+    result = segment_folder(
+        input, out, method=chosen, checkpoint=model, reference_dir=reference, progress=not quiet
+    )
+    typer.echo(
+        f"{result.num_ok} volume(s) segmented, {result.num_error} failed; "
+        f"summary: {result.summary_csv}"
+    )
+    if result.num_error or result.skipped:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command("train-segmenter")
+@user_errors
+def train_segmenter_command(
+    out: Annotated[Path, typer.Argument(help="Run folder (best.pt, last.pt, metrics).")],
+    config: ConfigArg = None,
+    overrides: OverrideOpt = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train the intracranial U-Net (phantom masks, reference masks or classical pseudo-labels)."""
+    from ichseg.segmentation.recipes import load_segmenter_run, training_pairs
+    from ichseg.segmentation.unet import train_segmenter
+
+    run = load_segmenter_run(config, overrides)
+    checkpoint = train_segmenter(
+        training_pairs(run.data), run.segmenter_config(), out, progress=not quiet
+    )
+    typer.echo(f"best checkpoint: {checkpoint}")
+
+
+bundle_app = typer.Typer(help="MONAI bundle export.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("export")
+@user_errors
+def bundle_export(
+    run: Annotated[Path, typer.Argument(help="Training run folder.")],
+    out: Annotated[Path, typer.Argument(help="Bundle folder to create.")],
+    segmenter: Annotated[Path | None, typer.Option(help="U-Net checkpoint to include.")] = None,
+    version: Annotated[str, typer.Option(help="Bundle version.")] = "0.1.0",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+) -> None:
+    """Write a MONAI bundle that `python -m monai.bundle run` executes."""
+    from ichseg.bundle import export_bundle
+
+    path = export_bundle(run, out, segmenter=segmenter, version=version, overwrite=overwrite)
+    typer.echo(f"bundle: {path}")
+    typer.echo(
+        f"run it: python -m monai.bundle run --config_file {path}/configs/inference.json "
+        f"--meta_file {path}/configs/metadata.json --bundle_root {path} "
+        "--dataset_dir INPUT --output_dir OUTPUT"
+    )

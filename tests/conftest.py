@@ -1,0 +1,58 @@
+"""Shared, session-scoped fixtures: a phantom data folder, a tiny trained run, a tiny U-Net.
+
+Each is built once per test session (seconds on a CPU) and must be treated as read-only by the
+tests that use them: copy before modifying.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_CONFIG = {
+    "name": "tiny",
+    "data": {"phantom": {"studies": 10, "size": 64, "slices": 8}, "image_size": 64},
+    "model": {"name": "resnet18"},
+    "train": {"epochs": 1, "batch_size": 16},
+    "eval": {"n_boot": 20},
+}
+"""A phantom run small enough to train and evaluate in about ten seconds on a CPU."""
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two phantom studies (64x64, 8 slices): ``dicom/<study>/*.dcm`` and ``nifti/*.nii.gz``."""
+    from ichseg.phantom import PhantomConfig, write_dataset
+
+    root = tmp_path_factory.mktemp("phantom")
+    write_dataset(root, studies=2, seed=7, config=PhantomConfig(size=64, num_slices=8))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained and evaluated tiny run folder (best.pt, thresholds.json, config.yaml, eval/)."""
+    from ichseg.config import load_config
+    from ichseg.engine.train import train
+
+    base = tmp_path_factory.mktemp("trained")
+    data = TINY_CONFIG["data"] | {"cache_dir": str(base / "cache")}
+    config = load_config(extra=TINY_CONFIG | {"data": data})
+    run_dir = base / "run"
+    train(config, run_dir, progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def segmenter_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch 2D U-Net intracranial segmenter trained on three phantom volumes."""
+    unet = pytest.importorskip("ichseg.segmentation.unet")
+    from ichseg.phantom import PhantomConfig, generate_study
+
+    studies = [generate_study(seed, PhantomConfig(size=64, num_slices=8)) for seed in (1, 2, 3)]
+    config = unet.SegmenterConfig(
+        image_size=64, channels=(8, 16), strides=(2,), epochs=1, batch_size=8, amp=False
+    )
+    run_dir = tmp_path_factory.mktemp("segmenter")
+    return unet.train_segmenter(studies, config, run_dir, progress=False)
