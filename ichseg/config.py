@@ -93,7 +93,7 @@ class MaskingConfig(StrictModel):
     """Intracranial masking applied to HU before windowing (rung 4 of the ladder)."""
 
     enabled: bool = False
-    method: Literal["classical", "unet"] = "unet"
+    method: Literal["classical", "unet"] = "classical"
     checkpoint: Path | None = None
     background: Literal["air", "min"] = "air"
     crop: bool = False

@@ -51,9 +51,9 @@ def evaluate_run(
     checkpoint, so inference uses the same operating point.
     """
     import torch
+
     from ichseg.engine.metrics import choose_thresholds, evaluate_multiclass, evaluate_multilabel
     from ichseg.engine.report import write_report
-
     from ichseg.engine.train import build_model
 
     run_dir = Path(run_dir)

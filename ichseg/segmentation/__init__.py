@@ -1,0 +1,46 @@
+"""Intracranial segmentation: a classical method, a MONAI U-Net, and the masking step.
+
+The mask is the intracranial space (inside the skull's inner table), so epidural and subdural
+blood against the bone is kept. Heavy libraries (torch, MONAI, matplotlib) load on first use.
+"""
+
+from ichseg.segmentation.api import SegmentResult, mask_metrics, segment_folder, write_preview
+from ichseg.segmentation.classical import classical_intracranial_mask
+from ichseg.segmentation.masking import (
+    MaskingConfig,
+    apply_mask,
+    crop_to_mask,
+    dilate_mask,
+    make_masker,
+    mask_bbox,
+    mask_images,
+)
+from ichseg.segmentation.unet import (
+    Segmenter,
+    SegmenterConfig,
+    build_unet,
+    load_segmenter,
+    pseudo_labels,
+    train_segmenter,
+)
+
+__all__ = [
+    "MaskingConfig",
+    "SegmentResult",
+    "Segmenter",
+    "SegmenterConfig",
+    "apply_mask",
+    "build_unet",
+    "classical_intracranial_mask",
+    "crop_to_mask",
+    "dilate_mask",
+    "load_segmenter",
+    "make_masker",
+    "mask_bbox",
+    "mask_images",
+    "mask_metrics",
+    "pseudo_labels",
+    "segment_folder",
+    "train_segmenter",
+    "write_preview",
+]

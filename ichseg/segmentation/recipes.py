@@ -1,0 +1,105 @@
+"""Training data for the intracranial U-Net, from a YAML config.
+
+Sources: phantom studies (ground-truth masks), NIfTI CTs with reference masks, or any CT
+(DICOM or NIfTI) with classical pseudo-labels, for real data that has no masks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from ichseg.config import StrictModel, deep_merge, load_raw, parse_override
+from ichseg.errors import ConfigError, InputError
+
+
+class SegmenterPhantomData(StrictModel):
+    studies: int = Field(20, ge=2)
+    seed: int = 1000
+    size: int = Field(128, ge=32)
+    slices: int = Field(24, ge=1)
+
+
+class SegmenterDataConfig(StrictModel):
+    source: Literal["phantom", "nifti", "pseudo"] = "phantom"
+    phantom: SegmenterPhantomData = SegmenterPhantomData()
+    images: Path | None = None  # CT folder (NIfTI for "nifti"; DICOM/NIfTI for "pseudo")
+    masks: Path | None = None  # reference masks: <stem>_mask.nii.gz or the image's file name
+
+
+class SegmenterRunConfig(StrictModel):
+    data: SegmenterDataConfig = SegmenterDataConfig()
+    model: dict = {}
+
+    def segmenter_config(self):
+        from pydantic import ValidationError
+
+        from ichseg.segmentation.unet import SegmenterConfig
+
+        try:
+            return SegmenterConfig.model_validate(self.model)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"model.{where}: {first['msg']}") from None
+
+
+def load_segmenter_run(path: str | Path | None, overrides: list[str] | None = None):
+    """Validate a segmenter training YAML (``data`` + ``model`` sections) with overrides."""
+    from pydantic import ValidationError
+
+    data = load_raw(path) if path else {}
+    for override in overrides or []:
+        data = deep_merge(data, parse_override(override))
+    try:
+        run = SegmenterRunConfig.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        kind = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(f"{path or 'config'}: {kind} '{where}'") from None
+    run.segmenter_config()  # fail early on bad model keys
+    return run
+
+
+def training_pairs(data: SegmenterDataConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(hu, mask)`` pairs for :func:`ichseg.segmentation.unet.train_segmenter`."""
+    if data.source == "phantom":
+        from ichseg.phantom import PhantomConfig, generate_study
+
+        spec = data.phantom
+        config = PhantomConfig(size=spec.size, num_slices=spec.slices)
+        studies = (generate_study(spec.seed + i, config) for i in range(spec.studies))
+        return [(s.hu, s.intracranial_mask) for s in studies]
+    if data.images is None:
+        raise ConfigError(f"data.source '{data.source}' needs data.images")
+    from ichseg.io.loader import load_volumes
+
+    volumes, _ = load_volumes(data.images)
+    if not volumes:
+        raise InputError(data.images, "no CT volume found for segmenter training")
+    if data.source == "pseudo":
+        from ichseg.segmentation.classical import classical_intracranial_mask
+
+        return [(v.hu, classical_intracranial_mask(v.hu, v.spacing)) for v in volumes]
+    if data.masks is None:
+        raise ConfigError("data.source 'nifti' needs data.masks")
+    from ichseg.io.nifti import nifti_stem
+
+    pairs = []
+    for volume in volumes:
+        source = Path(volume.source)
+        candidates = [data.masks / f"{nifti_stem(source)}_mask.nii.gz", data.masks / source.name]
+        mask_path = next((c for c in candidates if c.exists()), None)
+        if mask_path is None:
+            raise InputError(source, f"no reference mask in {data.masks}")
+        import nibabel as nib
+
+        mask = np.asarray(nib.load(str(mask_path)).dataobj).transpose(2, 1, 0) > 0
+        if mask.shape != volume.shape:
+            raise InputError(mask_path, f"mask shape {mask.shape} differs from CT {volume.shape}")
+        pairs.append((volume.hu, mask.astype(np.uint8)))
+    return pairs
