@@ -234,12 +234,9 @@ def load_config(
 
 def save_config(config: BaseModel, path: str | Path) -> Path:
     """Write the resolved config as YAML atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from ichseg.fileio import write_text
+
+    return write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def packaged_config(relative: str) -> Path:

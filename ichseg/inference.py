@@ -9,7 +9,6 @@ and Grad-CAM PNGs for the most positive slices of positive series.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -23,6 +22,7 @@ import numpy as np
 
 from ichseg.config import RunConfig, validate_config
 from ichseg.errors import ConfigError, InputError
+from ichseg.fileio import save_figure, write_csv, write_json
 from ichseg.volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -337,35 +337,20 @@ def write_gradcam(
         ax.set_title(f"{name} slice {z}: p(any)={score[z]:.2f}", fontsize=8)
         ax.axis("off")
         path = folder / f"{name}_z{int(z):03d}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        tmp.replace(path)
-        paths.append(path)
+        paths.append(save_figure(fig, path, dpi=100, bbox_inches="tight"))
     return paths
-
-
-def _atomic_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def _write_outputs(result: PredictResult, names: list[str]) -> None:
     out = result.out_dir
-    _atomic_csv(
+    write_csv(
         out / "predictions.csv",
         result.slice_rows,
         ["source", "series_uid", "sop_uid", "slice_index", "z_mm", *names],
     )
-    _atomic_csv(out / "series.csv", result.series_rows, list(result.series_rows[0]))
-    tmp = out / ".series.json.tmp"
-    tmp.write_text(json.dumps(result.series_rows, indent=1))
-    tmp.replace(out / "series.json")
-    _atomic_csv(
+    write_csv(out / "series.csv", result.series_rows, list(result.series_rows[0]))
+    write_json(out / "series.json", result.series_rows)
+    write_csv(
         out / "skipped.csv",
         [{"path": p, "reason": r} for p, r in result.skipped],
         ["path", "reason"],

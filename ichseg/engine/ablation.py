@@ -8,7 +8,6 @@ seeds with a Student-t 95 % interval; per-run bootstrap intervals are in each ru
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from ichseg.config import (
     validate_config,
 )
 from ichseg.errors import ConfigError
+from ichseg.fileio import save_figure, write_csv, write_text
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +176,8 @@ def aggregate(per_run: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _write_csv(table: list[dict[str, Any]], path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-        writer.writeheader()
-        for row in table:
-            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()})
-    tmp.replace(path)
-    return path
+    rows = [{k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()} for row in table]
+    return write_csv(path, rows, list(table[0]))
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
@@ -225,10 +219,7 @@ def _write_markdown(table, per_run, path: Path) -> Path:
             f"{m.get('macro_auroc', float('nan')):.3f} | "
             f"{m.get('weighted_log_loss', float('nan')):.3f} |"
         )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(text) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text(path, "\n".join(text) + "\n")
 
 
 def _plot(table: list[dict[str, Any]], path: Path) -> Path:
@@ -247,8 +238,4 @@ def _plot(table: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xticks(x, [r["rung"] for r in table], rotation=30, ha="right", fontsize=8)
         ax.set_title(column)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ichseg.config import DataConfig, MaskingConfig, RunConfig, TaskConfig
 from ichseg.errors import InputError
+from ichseg.fileio import write_json
 from ichseg.volume import SUBTYPES, CTVolume
 
 log = logging.getLogger(__name__)
@@ -291,9 +292,9 @@ def build_slices(
 
 def _finish(folder: Path, count: int, shape: tuple[int, ...]) -> None:
     # done.json is written last and atomically: a killed build is redone, never half-read.
-    tmp = folder / ".done.json.tmp"
-    tmp.write_text(json.dumps({"count": count, "shape": list(shape), "version": CACHE_VERSION}))
-    tmp.replace(folder / "done.json")
+    write_json(
+        folder / "done.json", {"count": count, "shape": list(shape), "version": CACHE_VERSION}
+    )
 
 
 def _build_image_slices(data: DataConfig, folder: Path) -> SliceSet:
@@ -398,10 +399,7 @@ def split_by_group(
 
 def save_splits(splits: dict[str, np.ndarray], groups: np.ndarray, path: Path) -> None:
     """Write the patient ids of each split (JSON) so a run can be audited and repeated."""
-    payload = {name: sorted(set(groups[idx].tolist())) for name, idx in splits.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    write_json(path, {name: sorted(set(groups[idx].tolist())) for name, idx in splits.items()})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 from ichseg.config import RunConfig, validate_config
 from ichseg.engine.data import SliceDataset, SliceSet, build_slices, split_by_group
 from ichseg.errors import InputError
+from ichseg.fileio import atomic_path, write_json
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
@@ -109,15 +109,14 @@ def evaluate_run(
     out.mkdir(exist_ok=True)
     write_report(metrics, out, targets[idx], prob, names, config.task.mode)
     _write_predictions(out / f"predictions_{split}.csv", slices, idx, prob, names)
-    tmp = run_dir / ".thresholds.json.tmp"
-    tmp.write_text(json.dumps(dict(zip(names, [float(t) for t in thresholds], strict=True))))
-    tmp.replace(run_dir / "thresholds.json")
+    write_json(
+        run_dir / "thresholds.json", dict(zip(names, [float(t) for t in thresholds], strict=True))
+    )
     return metrics
 
 
 def _write_predictions(path: Path, slices: SliceSet, idx: np.ndarray, prob, names) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
             [
@@ -141,4 +140,3 @@ def _write_predictions(path: Path, slices: SliceSet, idx: np.ndarray, prob, name
                     *[int(v) for v in label],
                 ]
             )
-    tmp.replace(path)

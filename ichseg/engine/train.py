@@ -8,7 +8,6 @@ that was never interrupted.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from ichseg.engine.data import (
     split_by_group,
 )
 from ichseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from ichseg.fileio import save_figure, torch_save, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,6 @@ def state_digest(state_dict: dict[str, Any]) -> str:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -238,16 +230,8 @@ def _mixup(images, targets, alpha: float, num_classes: int, mode: str):
 def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     if not history:
         return
-    columns = list(history[0])
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-    tmp.replace(run_dir / "metrics.csv")
-    tmp = run_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    tmp.replace(run_dir / "metrics.jsonl")
+    write_csv(run_dir / "metrics.csv", history, list(history[0]))
+    write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
@@ -269,10 +253,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     right.set_ylabel("validation AUROC (any)")
     right.set_ylim(0, 1.02)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def _val_auroc(y_true: np.ndarray, y_prob: np.ndarray, mode: str) -> float:
@@ -448,8 +429,8 @@ def train(
                 "val_loss": val_loss,
             }
             if improved:
-                atomic_torch_save(payload, best_path)
-            atomic_torch_save(
+                torch_save(payload, best_path)
+            torch_save(
                 payload
                 | {
                     "optimizer": optimizer.state_dict(),
@@ -510,11 +491,7 @@ def _write_rank_record(run_dir: Path, info: DistInfo, loaders: _Loaders, model) 
         "train_indices": [int(loaders.train_set.indices[p]) for p in positions],
         "state_sha1": state_digest(model.state_dict()),
     }
-    folder = run_dir / "ddp"
-    folder.mkdir(exist_ok=True)
-    tmp = folder / f".rank{info.rank}.json.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.replace(folder / f"rank{info.rank}.json")
+    write_json(run_dir / "ddp" / f"rank{info.rank}.json", record)
 
 
 def _logits_from(probabilities: np.ndarray, mode: str):

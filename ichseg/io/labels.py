@@ -18,8 +18,6 @@ disagrees with the subtypes) are repaired towards the positive label and reporte
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ichseg.errors import InputError
+from ichseg.fileio import atomic_path
 from ichseg.volume import SUBTYPES
 
 FORMATS: tuple[str, ...] = ("rsna", "cq500", "ctich", "ichseg-slices")
@@ -350,18 +349,10 @@ def write_rsna_labels(path: str | Path, table: LabelTable | Mapping[str, np.ndar
         image_id = rsna_image_id(sop)
         for subtype in _RSNA_ORDER:
             lines.append((f"{image_id}_{subtype}", int(values[_SUBTYPE_INDEX[subtype]])))
-    # Temp file in the same folder so os.replace is a rename on one filesystem; a crash leaves
-    # the previous file intact instead of a truncated one.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(("ID", "Label"))
-            writer.writerows(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(("ID", "Label"))
+        writer.writerows(lines)
 
 
 # --------------------------------------------------------------------------------------------

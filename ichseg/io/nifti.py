@@ -96,10 +96,10 @@ def write_nifti_atomic(image, path: str | Path) -> Path:
     """Save a nibabel image through a temporary file and a rename."""
     import nibabel as nib
 
+    from ichseg.fileio import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.tmp{suffix}")
-    nib.save(image, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(image, str(tmp))
     return path

@@ -9,10 +9,6 @@ is ``dicom_affine`` of the values written to the DICOM headers, rounded the same
 from __future__ import annotations
 
 import csv
-import os
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +24,7 @@ from pydicom.uid import (
 )
 
 from ichseg.errors import ConfigError
+from ichseg.fileio import atomic_path
 from ichseg.io.geometry import dicom_affine
 from ichseg.phantom.anatomy import PhantomConfig, PhantomStudy, generate_study
 from ichseg.volume import SUBTYPES, CTVolume
@@ -188,16 +185,9 @@ def _patient_metadata(study: PhantomStudy, uids: SeriesUIDs) -> dict[str, object
     }
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` (same suffix) that replaces ``path`` on success."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _atomic_path(path: Path):
+    """A temporary sibling of ``path`` (same suffixes) that replaces ``path`` on success."""
+    return atomic_path(path, suffix="".join(path.suffixes))
 
 
 def _stored_pixels(hu: np.ndarray, quirks: Quirks) -> np.ndarray:

@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ichseg.errors import InputError
+from ichseg.fileio import atomic_path
 from ichseg.io.loader import index_input
 from ichseg.io.nifti import nifti_stem, write_nifti_atomic
 from ichseg.volume import CTVolume
@@ -151,13 +151,8 @@ def _check_output(input_path: Path, out_dir: Path) -> None:
 
 def _replace_atomic(path: Path, write) -> Path:
     """Write through a hidden temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path, suffix="".join(path.suffixes)) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

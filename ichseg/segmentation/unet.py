@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ichseg.fileio import torch_save, write_text
 from ichseg.preprocess.windowing import (
     STANDARD_WINDOWS,
     neighbour_indices,
@@ -266,20 +266,6 @@ def load_segmenter(path: str | Path, device: str = "cpu") -> Segmenter:
     return Segmenter(model, config, device)
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _augment(images, masks, generator):
     """Random flips, a small rotation and scale; the same warp for image and mask."""
     import torch
@@ -352,8 +338,8 @@ def train_segmenter(
     device_type = device.split(":")[0]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), run_dir / "config.yaml"
+    write_text(
+        run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     )
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.write_text("", encoding="utf-8")
@@ -425,11 +411,11 @@ def train_segmenter(
             "epoch": epoch,
             "val_dice": val_dice,
         }
-        _save_atomic(checkpoint, last_path)
+        torch_save(checkpoint, last_path)
         score = val_dice if val_dice is not None else float(epoch)
         if score > best_dice:
             best_dice = score
-            _save_atomic(checkpoint, best_path)
+            torch_save(checkpoint, best_path)
         record = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
