@@ -91,7 +91,9 @@ def load_predictor(
     model = build_model(config)
     model.load_state_dict(state["state_dict"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(dev).eval()
+    # channels_last lets oneDNN (CPU) and cuDNN pick their fastest convolution kernels: a
+    # 40-slice study took 1.6 s instead of 2.5 s on 2 CPU cores (benchmarks/inference.py).
+    model.to(dev, memory_format=torch.channels_last).eval()
     names = config.task.class_names
     thresholds = {name: 0.5 for name in names}
     if thresholds_path is not None and thresholds_path.exists():

@@ -31,8 +31,8 @@ def _rung(tmp_path: Path, name: str, model: str, masked: bool = False) -> Path:
     return path
 
 
-def test_aggregate_mean_and_t_interval():
-    runs = [
+def _runs(values):
+    return [
         {
             "rung": "a",
             "model": "m",
@@ -44,16 +44,26 @@ def test_aggregate_mean_and_t_interval():
                 "series_auroc_any": v,
             },
         }
-        for v in (0.7, 0.8, 0.9)
+        for v in values
     ]
-    (row,) = aggregate(runs)
+
+
+def test_aggregate_mean_and_t_interval():
+    (row,) = aggregate(_runs((0.6, 0.7, 0.8)))
     assert row["seeds"] == 3
-    assert row["auroc_any_mean"] == pytest.approx(0.8)
+    assert row["auroc_any_mean"] == pytest.approx(0.7)
     # t(0.975, 2) = 4.3027; sd = 0.1; half width = 4.3027 * 0.1 / sqrt(3)
     half = 4.302652729911275 * 0.1 / np.sqrt(3)
-    assert row["auroc_any_ci_low"] == pytest.approx(0.8 - half)
-    assert row["auroc_any_ci_high"] == pytest.approx(0.8 + half)
-    assert "0.800 [" in format_table([row])
+    assert row["auroc_any_ci_low"] == pytest.approx(0.7 - half)
+    assert row["auroc_any_ci_high"] == pytest.approx(0.7 + half)
+    assert "0.700 [" in format_table([row])
+
+
+def test_aggregate_clips_intervals_to_the_metric_range():
+    (row,) = aggregate(_runs((0.8, 0.9, 1.0)))
+    assert row["auroc_any_ci_high"] == 1.0  # the t-interval alone would reach 1.148
+    assert row["auroc_any_ci_low"] == pytest.approx(0.9 - 4.302652729911275 * 0.1 / np.sqrt(3))
+    assert row["weighted_log_loss_ci_low"] == 0.0
 
 
 def test_ladder_with_masked_rung(tmp_path: Path, segmenter_checkpoint: Path):

@@ -44,6 +44,13 @@ TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("series_auroc_any", "series_auroc_any"),
 )
 
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "auroc_any": (0.0, 1.0),
+    "macro_auroc": (0.0, 1.0),
+    "series_auroc_any": (0.0, 1.0),
+    "weighted_log_loss": (0.0, np.inf),
+}
+
 
 @dataclass
 class AblationResult:
@@ -166,6 +173,9 @@ def aggregate(per_run: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key, column in TABLE_METRICS:
             values = np.array([float(r["metrics"].get(key, np.nan)) for r in runs])
             mean, low, high = mean_ci(values)
+            # A t-interval over three seeds can cross the metric's range; clip it there.
+            bounds = METRIC_RANGES.get(key, (-np.inf, np.inf))
+            low, high = float(np.clip(low, *bounds)), float(np.clip(high, *bounds))
             row[f"{column}_mean"], row[f"{column}_ci_low"], row[f"{column}_ci_high"] = (
                 mean,
                 low,

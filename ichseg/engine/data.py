@@ -200,7 +200,7 @@ def preprocess_volume(
         masker: computes the intracranial mask when masking is enabled and ``mask`` is None.
         mask: a mask already computed for this volume (inference writes it out as well).
     """
-    from ichseg.preprocess.windowing import resize_slices, slice_channels
+    from ichseg.preprocess.windowing import neighbour_indices, resize_slices, stack_windows
 
     hu = volume.hu
     if masking.enabled and mask is None:
@@ -217,13 +217,19 @@ def preprocess_volume(
             hu, box = crop_to_mask(hu, mask, masking.margin_mm, pixel_spacing)
             mask = mask[:, box[0] : box[1], box[2] : box[3]]
     size = (data.image_size, data.image_size)
-    channels = np.stack(
-        [slice_channels(hu, z, data.windows, data.context) for z in range(hu.shape[0])]
-    )
+    # Window every slice at once, resize, then gather 2.5D neighbours by index: each slice is
+    # windowed and resized once however many neighbours use it.
+    channels = stack_windows(hu, data.windows)  # (Z, windows, H, W)
     if masking.enabled and masking.background == "min":
         channels = apply_mask(channels, mask, "min", masking.dilation_mm, pixel_spacing)
     channels = resize_slices(channels, size)
-    return np.clip(np.rint(channels * 255.0), 0, 255).astype(np.uint8)
+    if data.context:
+        z = channels.shape[0]
+        picks = np.array([neighbour_indices(z, i, data.context) for i in range(z)])
+        channels = channels[picks].reshape(z, -1, *size)
+    channels *= 255.0
+    np.rint(channels, out=channels)
+    return channels.astype(np.uint8)
 
 
 def build_slices(

@@ -341,7 +341,8 @@ def train(
         save_splits(splits, slices.groups, run_dir / "splits.json")
 
     loaders = _Loaders(config, slices, splits, info)
-    model = build_model(config).to(device)
+    # channels_last: 1.18x images/s for a bare bf16 loop on 2 CPU cores (benchmarks/training.py).
+    model = build_model(config).to(device, memory_format=torch.channels_last)
     train_model = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -388,7 +389,8 @@ def train(
             disable=not (progress and info.is_main),
         )
         for images, targets in bar:
-            images, targets = images.to(device), targets.to(device)
+            images = images.to(device, memory_format=torch.channels_last)
+            targets = targets.to(device)
             if config.train.mixup_alpha > 0:
                 images, targets = _mixup(
                     images,

@@ -146,15 +146,33 @@ def nonblank_slices(
 
 
 def resize_slices(images: np.ndarray, size: tuple[int, int], order: int = 1) -> np.ndarray:
-    """Resize the last two axes to ``size`` (bilinear for images, ``order=0`` for labels)."""
-    from scipy.ndimage import zoom
+    """Resize the last two axes to ``size``: bilinear for images, ``order=0`` for labels.
 
+    Bilinear resizing samples pixel centres (``align_corners=False``), the grid of
+    ``scipy.ndimage.zoom(..., grid_mode=True)``, through torch, which is an order of magnitude
+    faster on CPU for stacks of slices.
+    """
     images = np.asarray(images)
     height, width = images.shape[-2:]
     if (height, width) == tuple(size):
         return images.copy()
-    factors = (1.0,) * (images.ndim - 2) + (size[0] / height, size[1] / width)
-    out = zoom(images, factors, order=order, grid_mode=True, mode="nearest")
+    if order == 0:
+        from scipy.ndimage import zoom
+
+        factors = (1.0,) * (images.ndim - 2) + (size[0] / height, size[1] / width)
+        return zoom(images, factors, order=0, grid_mode=True, mode="nearest").astype(
+            images.dtype, copy=False
+        )
+    if order != 1:
+        raise ValueError(f"order must be 0 or 1, got {order}")
+    import torch
+    import torch.nn.functional as F
+
+    flat = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).reshape(
+        -1, 1, height, width
+    )
+    resized = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
+    out = resized.reshape(*images.shape[:-2], *size).numpy()
     return out.astype(images.dtype, copy=False)
 
 

@@ -202,7 +202,10 @@ class Segmenter:
     """A trained U-Net that turns a HU volume into an intracranial mask on the same grid."""
 
     def __init__(self, model, config: SegmenterConfig, device: str = "cpu") -> None:
-        self.model = model.to(device).eval()
+        import torch
+
+        # channels_last: faster convolution kernels on CPU (oneDNN) and GPU (cuDNN).
+        self.model = model.to(device, memory_format=torch.channels_last).eval()
         self.config = config
         self.device = device
 
