@@ -222,7 +222,8 @@ def preprocess_volume(
     channels = stack_windows(hu, data.windows)  # (Z, windows, H, W)
     if masking.enabled and masking.background == "min":
         channels = apply_mask(channels, mask, "min", masking.dilation_mm, pixel_spacing)
-    channels = resize_slices(channels, size)
+    if channels.shape[-2:] != size:
+        channels = resize_slices(channels, size)
     if data.context:
         z = channels.shape[0]
         picks = np.array([neighbour_indices(z, i, data.context) for i in range(z)])
