@@ -102,6 +102,16 @@ def rsna_weighted_log_loss(
     return float(np.mean(bce @ w / w.sum()))
 
 
+def _per_column(metric, y_true: Any, y_prob: Any) -> np.ndarray:
+    """``metric(scores, labels)`` per column; NaN where a column has a single label value."""
+    t, p = _check_pair(y_true, y_prob)
+    out = np.full(t.shape[1], np.nan)
+    for k in range(t.shape[1]):
+        if not _single_valued(t[:, k]):
+            out[k] = float(metric(torch.from_numpy(p[:, k]), torch.from_numpy(t[:, k]).long()))
+    return out
+
+
 def per_class_auroc(y_true: Any, y_prob: Any) -> np.ndarray:
     """AUROC per column (torchmetrics ``binary_auroc``); NaN where a column has one label value.
 
@@ -109,14 +119,7 @@ def per_class_auroc(y_true: Any, y_prob: Any) -> np.ndarray:
         y_true: ``(N, K)`` or ``(N,)`` 0/1 labels.
         y_prob: matching scores.
     """
-    t, p = _check_pair(y_true, y_prob)
-    out = np.full(t.shape[1], np.nan)
-    for k in range(t.shape[1]):
-        if not _single_valued(t[:, k]):
-            out[k] = float(
-                binary_auroc(torch.from_numpy(p[:, k]), torch.from_numpy(t[:, k]).long())
-            )
-    return out
+    return _per_column(binary_auroc, y_true, y_prob)
 
 
 def per_class_average_precision(y_true: Any, y_prob: Any) -> np.ndarray:
@@ -126,16 +129,7 @@ def per_class_average_precision(y_true: Any, y_prob: Any) -> np.ndarray:
         y_true: ``(N, K)`` or ``(N,)`` 0/1 labels.
         y_prob: matching scores.
     """
-    t, p = _check_pair(y_true, y_prob)
-    out = np.full(t.shape[1], np.nan)
-    for k in range(t.shape[1]):
-        if not _single_valued(t[:, k]):
-            out[k] = float(
-                binary_average_precision(
-                    torch.from_numpy(p[:, k]), torch.from_numpy(t[:, k]).long()
-                )
-            )
-    return out
+    return _per_column(binary_average_precision, y_true, y_prob)
 
 
 def fast_auroc(y_true: Any, y_score: Any) -> np.ndarray:

@@ -463,7 +463,11 @@ def _step_and_gap_warnings(
     if missing_at:
         count = int(sum(round(ratios[i]) - 1 for i in missing_at))
         where = ", ".join(f"{distances[i]:.1f}..{distances[i + 1]:.1f} mm" for i in missing_at)
-        warnings.append(f"{count} missing slice(s) at step {step:.2f} mm: gaps {where}")
+        warnings.append(
+            f"{count} missing slice(s) at step {step:.2f} mm: gaps {where} (slices are kept as "
+            "acquired, not interpolated; the affine assumes the regular step, so slice_positions "
+            "hold the true positions)"
+        )
     regular = [r for i, r in enumerate(ratios) if i not in missing_at]
     deviation = max((abs(r - 1.0) for r in regular), default=0.0)
     if deviation > SPACING_TOLERANCE:
