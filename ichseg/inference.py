@@ -9,7 +9,6 @@ and Grad-CAM PNGs for the most positive slices of positive series.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -117,14 +116,6 @@ def load_predictor(
     return Predictor(config, model, thresholds, masker, dev)
 
 
-def volume_name(volume: CTVolume) -> str:
-    """A file-name-safe, unique name for a volume's outputs."""
-    base = volume.metadata.get("PatientID") or Path(volume.source).name or "volume"
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", str(base)).strip("._") or "volume"
-    digest = hashlib.sha1(volume.series_uid.encode()).hexdigest()[:8]
-    return f"{base[:40]}_{digest}"
-
-
 @dataclass
 class PredictResult:
     out_dir: Path
@@ -207,7 +198,7 @@ def predict(
     """
     from tqdm.auto import tqdm
 
-    from ichseg.io.loader import index_input
+    from ichseg.io.loader import index_input, output_name
     from ichseg.io.nifti import write_nifti_atomic
 
     input_path, out_dir = Path(input_path), Path(out_dir)
@@ -219,6 +210,7 @@ def predict(
     result = PredictResult(out_dir, skipped=list(index.skipped))
     names = predictor.class_names
     durations = []
+    used_names: set[str] = set()
     bar = tqdm(
         index.iter_volumes(), total=len(index), desc="predict", unit="series", disable=not progress
     )
@@ -228,7 +220,7 @@ def predict(
             continue
         started = time.perf_counter()
         probabilities, mask, slices = predict_volume(predictor, item, batch_size)
-        name = volume_name(item)
+        name = output_name(item, used_names)
         write_nifti_atomic(
             item.to_nifti(mask, dtype=np.uint8), out_dir / "masks" / f"{name}_mask.nii.gz"
         )

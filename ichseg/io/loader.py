@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ichseg.errors import InputError
 from ichseg.io.dicom import SeriesFiles, discover_series, is_nifti, read_series
-from ichseg.io.nifti import read_nifti
+from ichseg.io.nifti import nifti_stem, read_nifti
 from ichseg.volume import CTVolume
 
 
@@ -36,6 +38,33 @@ class InputIndex:
                 yield read_nifti(path)
             except InputError as error:
                 yield error
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    return name[:80] or "volume"
+
+
+def output_name(volume: CTVolume, used: set[str] | None = None) -> str:
+    """File-name-safe name for a volume's outputs, the same in every command.
+
+    A NIfTI keeps its file stem; a DICOM series is ``<PatientID>_<8 hex of its series uid>``.
+    With ``used``, a repeated name gets ``_2``, ``_3``, ... (case-insensitively) and is recorded.
+    """
+    source = Path(volume.source)
+    if is_nifti(source):
+        name = _safe_name(nifti_stem(source))
+    else:
+        digest = hashlib.sha1(volume.series_uid.encode()).hexdigest()[:8]
+        name = f"{_safe_name(volume.patient_id)}_{digest}"
+    if used is None:
+        return name
+    candidate, number = name, 2
+    while candidate.lower() in used:
+        candidate = f"{name}_{number}"
+        number += 1
+    used.add(candidate.lower())
+    return candidate
 
 
 def index_input(path: str | Path) -> InputIndex:

@@ -18,11 +18,9 @@ input's own file name. A reference must have the volume's shape; it is binarised
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,8 +31,8 @@ import numpy as np
 
 from ichseg.errors import InputError
 from ichseg.fileio import atomic_path
-from ichseg.io.loader import index_input
-from ichseg.io.nifti import nifti_stem, write_nifti_atomic
+from ichseg.io.loader import index_input, output_name
+from ichseg.io.nifti import write_nifti_atomic
 from ichseg.volume import CTVolume
 
 logger = logging.getLogger(__name__)
@@ -119,25 +117,6 @@ class SegmentResult:
     @property
     def num_error(self) -> int:
         return sum(row["status"] == "error" for row in self.rows)
-
-
-def _safe_name(text: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
-    return name[:80] or "volume"
-
-
-def _unique(name: str, used: set[str]) -> str:
-    candidate, number = name, 2
-    while candidate.lower() in used:
-        candidate = f"{name}_{number}"
-        number += 1
-    used.add(candidate.lower())
-    return candidate
-
-
-def _dicom_name(patient_id: str, series_uid: str) -> str:
-    digest = hashlib.sha1(series_uid.encode()).hexdigest()[:8]
-    return f"{_safe_name(patient_id)}_{digest}"
 
 
 def _check_output(input_path: Path, out_dir: Path) -> None:
@@ -296,11 +275,7 @@ def segment_folder(
         warnings = list(volume.warnings)
         row.update(series_uid=volume.series_uid, num_slices=volume.num_slices)
         try:
-            if nifti_path is not None:
-                name = _safe_name(nifti_stem(nifti_path))
-            else:
-                name = _dicom_name(volume.patient_id, volume.series_uid)
-            name = _unique(name, used)
+            name = output_name(volume, used)
             row["name"] = name
             mask = np.asarray(masker(volume), dtype=np.uint8)
             if mask.shape != volume.shape:
