@@ -369,6 +369,26 @@ def _bootstrap_p(deltas: np.ndarray) -> float:
     return min(1.0, 2.0 * (1 + tail) / (deltas.size + 1))
 
 
+def _comparison(
+    estimate_a: float, estimate_b: float, deltas: np.ndarray, n_units: int, alpha: float
+) -> BootstrapComparison:
+    """Summarise resampled deltas (NaN = invalid resample) around the full-data estimates."""
+    valid = deltas[~np.isnan(deltas)]
+    low, high = _percentile_ci(valid, alpha)
+    return BootstrapComparison(
+        estimate_a=estimate_a,
+        estimate_b=estimate_b,
+        delta=estimate_b - estimate_a,
+        ci_low=low,
+        ci_high=high,
+        p_value=_bootstrap_p(valid),
+        n_valid=int(valid.size),
+        n_boot=int(deltas.size),
+        n_units=n_units,
+        alpha=alpha,
+    )
+
+
 def _check_boot(n_boot: int, alpha: float) -> None:
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
@@ -420,20 +440,7 @@ def paired_bootstrap(
             rows = sampler.draw(rng)
             yr = y[rows]
             deltas[i] = _metric_or_nan(metric, yr, b[rows]) - _metric_or_nan(metric, yr, a[rows])
-    deltas = deltas[~np.isnan(deltas)]
-    low, high = _percentile_ci(deltas, alpha)
-    return BootstrapComparison(
-        estimate_a=estimate_a,
-        estimate_b=estimate_b,
-        delta=estimate_b - estimate_a,
-        ci_low=low,
-        ci_high=high,
-        p_value=_bootstrap_p(deltas),
-        n_valid=int(deltas.size),
-        n_boot=n_boot,
-        n_units=sampler.n_units,
-        alpha=alpha,
-    )
+    return _comparison(estimate_a, estimate_b, deltas, sampler.n_units, alpha)
 
 
 def _seed_mean(
@@ -573,17 +580,4 @@ def paired_seed_patient_bootstrap(
             deltas[i] = _seed_mean(metric, y, seeds_b, rows, picked_b) - _seed_mean(
                 metric, y, seeds_a, rows, picked_a
             )
-    deltas = deltas[~np.isnan(deltas)]
-    low, high = _percentile_ci(deltas, alpha)
-    return BootstrapComparison(
-        estimate_a=estimate_a,
-        estimate_b=estimate_b,
-        delta=estimate_b - estimate_a,
-        ci_low=low,
-        ci_high=high,
-        p_value=_bootstrap_p(deltas),
-        n_valid=int(deltas.size),
-        n_boot=n_boot,
-        n_units=sampler.n_units,
-        alpha=alpha,
-    )
+    return _comparison(estimate_a, estimate_b, deltas, sampler.n_units, alpha)
