@@ -32,8 +32,10 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from ichseg.config import RunConfig, WindowSpec, save_config, validate_config
+from ichseg.config import RunConfig, WindowSpec, save_config
+from ichseg.engine.checkpoint import CLASSIFIER_FILE, SEGMENTER_FILE, THRESHOLDS_FILE
 from ichseg.errors import ConfigError, InputError
+from ichseg.fileio import write_text
 
 MONAI_META_SCHEMA_URL = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
@@ -47,9 +49,7 @@ METADATA_FILE = "metadata.json"
 SCHEMA_FILE = "metadata_schema.json"
 INFERENCE_FILE = "inference.json"
 RUN_CONFIG_FILE = "ichseg_run.yaml"
-CLASSIFIER_FILE = "classifier.pt"
-SEGMENTER_FILE = "segmenter.pt"
-THRESHOLDS_FILE = "thresholds.json"
+LOGGING_FILE = "logging.conf"
 
 _SEMVER = r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$"
 
@@ -65,91 +65,20 @@ _DATA_FORMAT_KEYS = (
 )
 
 
+def resource_text(name: str) -> str:
+    """A file shipped in ``ichseg/resources/bundle`` (schema, templates, logging config)."""
+    from importlib.resources import files
+
+    return files("ichseg.resources").joinpath("bundle", name).read_text(encoding="utf-8")
+
+
 def metadata_schema() -> dict[str, Any]:
-    """ichseg's JSON schema (draft 7) for ``metadata.json``.
+    """ichseg's JSON schema (draft 7) for ``metadata.json`` (shipped as a package file).
 
     It requires what the MONAI model zoo requires of a bundle's metadata, so that
     ``python -m monai.bundle verify_metadata`` can run offline against the bundle's own copy.
     """
-    string = {"type": "string", "minLength": 1}
-    tensor_format = {
-        "type": "object",
-        "required": list(_DATA_FORMAT_KEYS),
-        "properties": {
-            "type": string,
-            "format": string,
-            "modality": string,
-            "num_channels": {"type": "integer", "minimum": 1},
-            "spatial_shape": {
-                "type": "array",
-                "minItems": 1,
-                "items": {"type": ["integer", "string"]},
-            },
-            "dtype": string,
-            "value_range": {"type": "array", "items": {"type": "number"}},
-            "is_patch_data": {"type": "boolean"},
-            "channel_def": {
-                "type": "object",
-                "minProperties": 1,
-                "propertyNames": {"pattern": r"^\d+$"},
-                "additionalProperties": {"type": "string"},
-            },
-        },
-    }
-    tensors = {"type": "object", "minProperties": 1, "additionalProperties": tensor_format}
-    return {
-        "$schema": "http://json-schema.org/draft-07/schema#",
-        "title": "ichseg bundle metadata",
-        "type": "object",
-        "required": [
-            "schema",
-            "version",
-            "changelog",
-            "monai_version",
-            "pytorch_version",
-            "numpy_version",
-            "required_packages_version",
-            "task",
-            "description",
-            "authors",
-            "copyright",
-            "network_data_format",
-        ],
-        "properties": {
-            "schema": {"type": "string", "format": "uri"},
-            "version": {"type": "string", "pattern": _SEMVER},
-            "changelog": {
-                "type": "object",
-                "minProperties": 1,
-                "propertyNames": {"pattern": _SEMVER},
-                "additionalProperties": {"type": "string"},
-            },
-            "monai_version": string,
-            "pytorch_version": string,
-            "numpy_version": string,
-            "required_packages_version": {
-                "type": "object",
-                "additionalProperties": {"type": "string"},
-            },
-            "name": string,
-            "task": string,
-            "description": string,
-            "authors": string,
-            "copyright": string,
-            "intended_use": string,
-            "data_source": string,
-            "data_type": string,
-            "image_classes": string,
-            "label_classes": string,
-            "pred_classes": string,
-            "references": {"type": "array", "items": {"type": "string"}},
-            "network_data_format": {
-                "type": "object",
-                "required": ["inputs", "outputs"],
-                "properties": {"inputs": tensors, "outputs": tensors},
-            },
-        },
-    }
+    return json.loads(resource_text(SCHEMA_FILE))
 
 
 def _package_version(name: str) -> str:
@@ -197,7 +126,7 @@ def _data_source(config: RunConfig) -> str:
 
 def _eval_metrics(run_dir: Path) -> dict[str, Any]:
     """The run's held-out summary numbers, when it was evaluated (finite scalars only)."""
-    path = run_dir / "eval" / "metrics.json"
+    path = run_dir / "eval" / "test" / "metrics.json"
     if not path.exists():
         return {}
     try:
@@ -338,101 +267,19 @@ def inference_config() -> dict[str, Any]:
 
     ``bundle_root``, ``dataset_dir`` and ``output_dir`` are the model-zoo override names.
     """
-    return {
-        "imports": ["$import logging", "$import ichseg"],
-        "bundle_root": ".",
-        "dataset_dir": "$@bundle_root + '/input'",
-        "output_dir": "$@bundle_root + '/eval'",
-        "device": "$'cuda' if torch.cuda.is_available() else 'cpu'",
-        "aggregation": "max",
-        "gradcam": True,
-        "gradcam_slices": 3,
-        "batch_size": 32,
-        "segmenter": None,
-        "predictor": {
-            "_target_": "ichseg.inference.load_predictor",
-            "model_path": "@bundle_root",
-            "segmenter": "@segmenter",
-            "device": "@device",
-        },
-        "network_def": "$@predictor.model",
-        "inference": {
-            "_target_": "ichseg.inference.predict",
-            "model_path": "@bundle_root",
-            "input_path": "@dataset_dir",
-            "out_dir": "@output_dir",
-            "aggregation": "@aggregation",
-            "gradcam": "@gradcam",
-            "gradcam_slices": "@gradcam_slices",
-            "batch_size": "@batch_size",
-            "progress": False,
-            "predictor": "@predictor",
-        },
-        # pydicom reports every minor standard violation of real archives at WARNING.
-        "initialize": ["$logging.getLogger('pydicom').setLevel(logging.ERROR)"],
-        "run": ["$@inference"],
-        "finalize": [],
-    }
+    return json.loads(resource_text(INFERENCE_FILE))
 
 
-_LOGGING_CONF = """\
-[loggers]
-keys=root
+def _readme(meta: dict[str, Any], config: RunConfig, aggregation: str) -> str:
+    from string import Template
 
-[handlers]
-keys=consoleHandler
-
-[formatters]
-keys=fullFormatter
-
-[logger_root]
-level=INFO
-handlers=consoleHandler
-
-[handler_consoleHandler]
-class=StreamHandler
-level=INFO
-formatter=fullFormatter
-args=(sys.stdout,)
-
-[formatter_fullFormatter]
-format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
-"""
-
-
-def _license_text(authors: str) -> str:
-    year = datetime.date.today().year
-    return (
-        f"Copyright (c) {year} {authors}\n\n"
-        'Licensed under the Apache License, Version 2.0 (the "License");\n'
-        "you may not use the files of this bundle except in compliance with the License.\n"
-        "You may obtain a copy of the License at\n\n"
-        "    https://www.apache.org/licenses/LICENSE-2.0\n\n"
-        "Unless required by applicable law or agreed to in writing, software\n"
-        'distributed under the License is distributed on an "AS IS" BASIS,\n'
-        "WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.\n"
-        "See the License for the specific language governing permissions and\n"
-        "limitations under the License.\n\n"
-        "The model weights are for research use only and are not a medical device.\n"
-    )
-
-
-def _readme(
-    meta: dict[str, Any], config: RunConfig, has_segmenter: bool, tuned_thresholds: bool
-) -> str:
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]
-    channels = "\n".join(f"  - {k}: {v}" for k, v in image["channel_def"].items())
-    classes = ", ".join(pred["channel_def"].values())
-    segmenter = (
-        "a U-Net intracranial segmenter (`models/segmenter.pt`)"
-        if has_segmenter
-        else "the classical (threshold + largest component) intracranial segmenter of ichseg"
-    )
-    thresholds = (
-        "chosen on the run's validation split"
-        if tuned_thresholds
-        else "0.5 for every class: the run was not evaluated"
+    masking = (
+        f"the intracranial space is masked ({config.masking.method} segmenter, "
+        f"`models/segmenter.pt` for U-Net runs, background {config.masking.background})"
+        if config.masking.enabled
+        else "no intracranial masking (an intracranial mask is still written beside the output)"
     )
     metrics = meta.get("eval_metrics") or {}
     performance = (
@@ -440,119 +287,66 @@ def _readme(
         if metrics
         else "- not evaluated at export time"
     )
-    return f"""# {meta["name"]}
+    return Template(resource_text("README.md.tmpl")).substitute(
+        name=meta["name"],
+        description=meta["description"],
+        intended_use=meta["intended_use"],
+        masking=masking,
+        channels_count=image["num_channels"],
+        size=image["spatial_shape"][0],
+        model=config.model.name,
+        aggregation=aggregation,
+        dtype=image["dtype"],
+        channels="\n".join(f"  - {k}: {v}" for k, v in image["channel_def"].items()),
+        classes=", ".join(pred["channel_def"].values()),
+        performance=performance,
+        data_source=meta["data_source"],
+    )
 
-{meta["description"]}
 
-**Intended use.** {meta["intended_use"]}
+def _license_text(authors: str) -> str:
+    from string import Template
 
-## What it does
-
-For every DICOM series and NIfTI CT volume under the input folder, the bundle converts the
-stored values to Hounsfield units, computes an intracranial mask with {segmenter},
-windows each axial slice into {image["num_channels"]} channel(s), resizes it to
-{image["spatial_shape"][0]}x{image["spatial_shape"][1]} and runs the `{config.model.name}`
-classifier. Slice probabilities are aggregated per series (maximum by default) and compared with
-the operating thresholds in `models/thresholds.json` ({thresholds}).
-
-## Inputs
-
-- a folder tree of DICOM files (CT series; other modalities are skipped) and/or NIfTI CT
-  volumes in Hounsfield units (`.nii`, `.nii.gz`). Unreadable or non-CT files are listed in
-  `skipped.csv` with the reason; the rest are processed.
-- network input: `{image["dtype"]}` tensor `(N, {image["num_channels"]}, \
-{image["spatial_shape"][0]}, {image["spatial_shape"][1]})`, values in [0, 1]; channels:
-{channels}
-
-## Outputs (in the output folder)
-
-- `predictions.csv`: one row per slice (source, series UID, SOP UID, slice index, z in mm,
-  one probability per class: {classes})
-- `series.csv`, `series.json`: one row per series (aggregated probabilities, 0/1 labels at the
-  operating thresholds, mask path, Grad-CAM paths, reader warnings)
-- `skipped.csv`: files that could not be used, with the reason
-- `masks/<name>_mask.nii.gz`: intracranial mask on the input grid (same affine)
-- `gradcam/*.png`: Grad-CAM overlays of the most positive slices of positive series
-
-## Running
-
-With MONAI (the three overrides follow the model-zoo convention):
-
-```bash
-python -m monai.bundle run \\
-    --config_file B/configs/inference.json --meta_file B/configs/metadata.json \\
-    --bundle_root B --dataset_dir IN --output_dir OUT
-```
-
-Options such as `--aggregation mean`, `--gradcam False`, `--device cpu` or
-`--segmenter other_unet.pt` override the matching entries of `configs/inference.json`.
-
-With ichseg:
-
-```bash
-ichseg predict B IN OUT
-```
-
-Verify the metadata offline against the bundled schema (online, drop `--filepath` to use the
-MONAI model-zoo schema named in `metadata.json`):
-
-```bash
-python -m monai.bundle verify_metadata --meta_file B/configs/metadata.json \\
-    --filepath B/configs/metadata_schema.json
-```
-
-## Performance (held-out split of the training run)
-
-{performance}
-
-These numbers describe the training data named above ({meta["data_source"]}); they say nothing
-about real patient scans.
-
-## Limits
-
-- Research only; not for clinical use. No regulatory clearance.
-- Trained on: {meta["data_source"]}.
-- Axial head CT only; other body parts, contrast studies and non-CT modalities are out of
-  scope. Very thick or tilted slices, motion and metal artifacts degrade the output.
-- Grad-CAM maps show where the network looked, not where the bleed is.
-
-## Provenance
-
-`configs/ichseg_run.yaml` is the resolved training configuration of the run; the classifier
-checkpoint carries the same configuration.
-"""
+    return Template(resource_text("LICENSE.tmpl")).substitute(
+        year=datetime.date.today().year, authors=authors
+    )
 
 
 def _load_run(run_dir: Path) -> tuple[Path, RunConfig]:
-    """The run's best checkpoint and its config; InputError naming the folder otherwise."""
-    from ichseg.engine.train import load_checkpoint
+    """The run's best checkpoint and its config, vetted like any model ichseg loads."""
+    from ichseg.engine.checkpoint import BEST, load_classifier
 
     if not run_dir.is_dir():
         raise InputError(run_dir, "no such run folder")
-    checkpoint = run_dir / "best.pt"
+    checkpoint = run_dir / BEST
     if not checkpoint.is_file():
-        raise InputError(run_dir, "not a training run folder (no best.pt)")
-    try:
-        state = load_checkpoint(checkpoint)
-    except Exception as error:  # torch raises many types for damaged or foreign files
-        raise InputError(checkpoint, f"cannot load the checkpoint ({error})") from None
-    if not isinstance(state, dict) or "state_dict" not in state or "config" not in state:
-        raise InputError(checkpoint, "not an ichseg checkpoint (no state_dict/config)")
-    try:
-        config = validate_config(state["config"], str(checkpoint))
-    except ConfigError as error:
-        raise InputError(checkpoint, f"invalid config in the checkpoint ({error})") from None
+        raise InputError(run_dir, f"not a training run folder (no {BEST})")
+    config, _, _ = load_classifier(checkpoint)
     return checkpoint, config
 
 
 def _segmenter_source(
     run_dir: Path, config: RunConfig, segmenter: str | Path | None
 ) -> Path | None:
-    """The U-Net checkpoint to ship: explicit, the run's own, or the config's, in that order."""
+    """The U-Net checkpoint to ship: explicit, the run's own, or the config's, in that order.
+
+    A run trained on U-Net-masked slices ships the segmenter it was trained with; another one
+    would serve the model input it never saw, so it is refused.
+    """
+    own = run_dir / SEGMENTER_FILE
     if segmenter is not None:
         path = Path(segmenter)
         if not path.is_file():
             raise InputError(path, "no such segmenter checkpoint")
+        if config.masking.enabled and config.masking.method == "unet" and own.is_file():
+            from ichseg.preprocess.pipeline import file_digest
+
+            if file_digest(path) != file_digest(own):
+                raise InputError(
+                    path,
+                    "differs from the segmenter the run was trained with "
+                    f"({own}); the model would be served other masks than it learnt on",
+                )
     elif (run_dir / SEGMENTER_FILE).is_file():
         path = run_dir / SEGMENTER_FILE
     elif config.masking.checkpoint is not None and Path(config.masking.checkpoint).is_file():
@@ -565,17 +359,14 @@ def _segmenter_source(
                 f"({config.masking.checkpoint}) was not found; give one explicitly",
             )
         return None
-    try:
-        from ichseg.segmentation.unet import load_segmenter
+    from ichseg.segmentation.unet import load_segmenter
 
-        load_segmenter(path, device="cpu")
-    except Exception as error:  # any failure means the bundle could not use it
-        raise InputError(path, f"not a usable U-Net segmenter checkpoint ({error})") from None
+    load_segmenter(path, device="cpu")  # vetted now, not when a user runs the bundle
     return path
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def _check_target(run_dir: Path, out_dir: Path, overwrite: bool) -> None:
@@ -601,7 +392,8 @@ def export_bundle(
     """Write a MONAI bundle for a trained run; the folder appears complete or not at all.
 
     Args:
-        run_dir: training run folder (``best.pt``, ``thresholds.json``, ``config.yaml``).
+        run_dir: an evaluated training run folder (``best.pt``, ``thresholds.json``,
+            ``config.yaml``); a run without thresholds is refused, never exported at 0.5.
         out_dir: bundle root to create.
         segmenter: U-Net checkpoint to ship; default the run's ``segmenter.pt`` or the config's
             ``masking.checkpoint`` when they exist. Without one, inference uses the classical
@@ -621,7 +413,10 @@ def export_bundle(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not re.match(_SEMVER, version):
         raise ConfigError(f"bundle version {version!r} must look like MAJOR.MINOR.PATCH")
+    from ichseg.engine.checkpoint import load_thresholds
+
     checkpoint, config = _load_run(run_dir)
+    thresholds = load_thresholds(run_dir / THRESHOLDS_FILE, config.task.class_names)
     _check_target(run_dir, out_dir, overwrite)
     segmenter_path = _segmenter_source(run_dir, config, segmenter)
     meta = build_metadata(
@@ -643,25 +438,17 @@ def export_bundle(
         _write_json(configs / METADATA_FILE, meta)
         _write_json(configs / SCHEMA_FILE, metadata_schema())
         _write_json(configs / INFERENCE_FILE, inference_config())
-        (configs / "logging.conf").write_text(_LOGGING_CONF, encoding="utf-8")
+        write_text(configs / LOGGING_FILE, resource_text(LOGGING_FILE))
         if (run_dir / "config.yaml").is_file():
             shutil.copyfile(run_dir / "config.yaml", configs / RUN_CONFIG_FILE)
         else:
             save_config(config, configs / RUN_CONFIG_FILE)
         shutil.copyfile(checkpoint, models / CLASSIFIER_FILE)
-        thresholds = run_dir / THRESHOLDS_FILE
-        tuned = thresholds.is_file()
-        if tuned:
-            shutil.copyfile(thresholds, models / THRESHOLDS_FILE)
-        else:
-            # An unevaluated run: the default cut-off that load_predictor would use anyway.
-            _write_json(models / THRESHOLDS_FILE, {n: 0.5 for n in config.task.class_names})
+        shutil.copyfile(run_dir / THRESHOLDS_FILE, models / THRESHOLDS_FILE)
         if segmenter_path is not None:
             shutil.copyfile(segmenter_path, models / SEGMENTER_FILE)
-        (docs / "README.md").write_text(
-            _readme(meta, config, segmenter_path is not None, tuned), encoding="utf-8"
-        )
-        (staging / "LICENSE").write_text(_license_text(authors), encoding="utf-8")
+        write_text(docs / "README.md", _readme(meta, config, thresholds.aggregation))
+        write_text(staging / "LICENSE", _license_text(authors))
         _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,7 +35,11 @@ def main(
         bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logs.")
     ] = False,
 ) -> None:
+    from ichseg.runtime import configure_cpu
+
     _state["verbose"] = verbose
+    # Before any command imports torch: OpenMP reads its settings once, at start-up.
+    configure_cpu()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -134,11 +137,6 @@ def phantom(
     typer.echo(f"wrote {studies} studies to {out} (manifest: {manifest})")
 
 
-def run() -> None:
-    """Entry point that keeps the exit code of typer."""
-    sys.exit(app())
-
-
 ConfigArg = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML run config (may name a base).")
 ]
@@ -154,7 +152,7 @@ def train(
     out: Annotated[Path, typer.Argument(help="Run folder (checkpoints, metrics, report).")],
     config: ConfigArg = None,
     overrides: OverrideOpt = None,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (same config).")] = False,
     segmenter: Annotated[
         Path | None, typer.Option(help="U-Net checkpoint for masked configs.")
     ] = None,
@@ -162,21 +160,28 @@ def train(
 ) -> None:
     """Train a classifier from a YAML config; torchrun-aware (DDP on CPU with gloo or GPU)."""
     from ichseg.config import load_config
-    from ichseg.engine.ablation import masker_for_config
     from ichseg.engine.train import train as train_run
+    from ichseg.fileio import check_output_folder
 
+    check_output_folder(out)
     run_config = load_config(config, overrides)
-    masker = masker_for_config(run_config, segmenter)
-    result = train_run(run_config, out, resume=resume, masker=masker, progress=not quiet)
+    result = train_run(run_config, out, resume=resume, segmenter=segmenter, progress=not quiet)
     if result.test_metrics is not None:
         _print_metrics(result.test_metrics)
-        typer.echo(f"report: {out / 'eval' / 'report.md'}")
+        typer.echo(f"report: {out / 'eval' / 'test' / 'report.md'}")
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
-    keys = ("auroc_any", "macro_auroc", "weighted_log_loss", "series_auroc_any", "accuracy")
+    keys = (
+        "auroc_any",
+        "macro_auroc",
+        "weighted_log_loss",
+        "series_auroc_any",
+        "series_weighted_log_loss",
+        "accuracy",
+    )
     parts = [f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float)]
-    typer.echo("test: " + "  ".join(parts))
+    typer.echo(f"{metrics.get('split', 'test')}: " + "  ".join(parts))
 
 
 @app.command()
@@ -184,18 +189,18 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A training run folder.")],
     split: Annotated[str, typer.Option(help="val | test")] = "test",
-    segmenter: Annotated[Path | None, typer.Option(help="U-Net checkpoint if masked.")] = None,
+    segmenter: Annotated[
+        Path | None, typer.Option(help="Another U-Net than the run's own (changes the input).")
+    ] = None,
 ) -> None:
-    """Re-evaluate a run's best checkpoint on its held-out split (patient-level)."""
-    from ichseg.engine.ablation import masker_for_config
-    from ichseg.engine.evaluate import evaluate_run, load_run
+    """Re-evaluate a run's best checkpoint on its own held-out split (from splits.json)."""
+    from ichseg.engine.evaluate import evaluate_run
 
     if split not in ("val", "test"):
         _fail(f"--split must be val or test, got {split!r}")
-    run_config, _ = load_run(run)
-    metrics = evaluate_run(run, split=split, masker=masker_for_config(run_config, segmenter))
+    metrics = evaluate_run(run, split=split, segmenter=segmenter)
     _print_metrics(metrics)
-    typer.echo(f"report: {run / 'eval' / 'report.md'}")
+    typer.echo(f"report: {run / 'eval' / split / 'report.md'}")
 
 
 @app.command()
@@ -246,7 +251,6 @@ def predict(
     model: Annotated[Path, typer.Argument(help="Training run folder or exported bundle.")],
     input: Annotated[Path, typer.Argument(help="DICOM folder tree and/or NIfTI files.")],
     out: Annotated[Path, typer.Argument(help="Output folder (must not be inside INPUT).")],
-    aggregation: Annotated[str, typer.Option(help="Series rule: max | mean | topK.")] = "max",
     gradcam: Annotated[bool, typer.Option(help="Grad-CAM PNGs for positive series.")] = True,
     gradcam_slices: Annotated[int, typer.Option(min=1, help="Slices per positive series.")] = 3,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
@@ -260,7 +264,6 @@ def predict(
         model,
         input,
         out,
-        aggregation=aggregation,
         gradcam=gradcam,
         gradcam_slices=gradcam_slices,
         batch_size=batch_size,
@@ -273,7 +276,8 @@ def predict(
         f"{positive} positive; {result.seconds_per_study:.2f} s per study; "
         f"{len(result.skipped)} file(s) skipped"
     )
-    typer.echo(f"wrote {out / 'predictions.csv'}, {out / 'series.csv'}, {out / 'series.json'}")
+    written = [n for n in ("predictions.csv", "series.csv", "series.json") if (out / n).exists()]
+    typer.echo("wrote " + ", ".join(str(out / n) for n in written))
     if result.partial:
         typer.echo(f"skipped files and reasons: {out / 'skipped.csv'}", err=True)
         raise typer.Exit(EXIT_PARTIAL)
@@ -316,15 +320,28 @@ def train_segmenter_command(
     out: Annotated[Path, typer.Argument(help="Run folder (best.pt, last.pt, metrics).")],
     config: ConfigArg = None,
     overrides: OverrideOpt = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    target: Annotated[
+        str | None, typer.Option(help="intracranial | hemorrhage (default: the config's).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (same config).")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
-    """Train the intracranial U-Net (phantom masks, reference masks or classical pseudo-labels)."""
-    from ichseg.segmentation.recipes import load_segmenter_run, training_pairs
-    from ichseg.segmentation.unet import train_segmenter
+    """Train a U-Net: the intracranial mask, or hemorrhage label maps (--target hemorrhage)."""
+    from ichseg.fileio import check_output_folder
+    from ichseg.segmentation.recipes import load_segmenter_run, training_cases
+    from ichseg.segmentation.training import train_segmenter
 
-    run = load_segmenter_run(config, overrides)
+    check_output_folder(out)
+    extra = [f"model.target={target}"] if target else []
+    run = load_segmenter_run(config, [*(overrides or []), *extra])
+    model = run.segmenter_config()
     checkpoint = train_segmenter(
-        training_pairs(run.data), run.segmenter_config(), out, progress=not quiet
+        training_cases(run.data, model.target),
+        model,
+        out,
+        data=run.data.model_dump(mode="json"),
+        resume=resume,
+        progress=not quiet,
     )
     typer.echo(f"best checkpoint: {checkpoint}")
 

@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ichseg.errors import ConfigError
-from ichseg.volume import SUBTYPES
+from ichseg.volume import RSNA_WEIGHTS, SUBTYPES
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
@@ -54,18 +61,47 @@ class DataConfig(StrictModel):
     windows: list[WindowSpec] = ["brain", "subdural", "bone"]
     context: int = Field(0, ge=0, le=4)
     min_brain_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # Regex with a named group `group` applied to each file's path below `root`: the patient
+    # id when the files carry none (NIfTI, pictures) or carry the wrong one.
+    group_pattern: str | None = None
     split: SplitConfig = SplitConfig()
     cache_dir: Path | None = None
+    # Processes that build the slice cache (None: the CPUs available). Not part of the cache key.
+    workers: int | None = Field(None, ge=0)
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _valid_pattern(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        import re
+
+        try:
+            compiled = re.compile(value)
+        except re.error as error:
+            raise ValueError(f"invalid regular expression ({error})") from None
+        if "group" not in compiled.groupindex:
+            raise ValueError("needs a named group, e.g. (?P<group>[^/]+)")
+        return value
+
+    @model_validator(mode="after")
+    def _pictures_have_no_context(self) -> DataConfig:
+        if self.source == "images" and self.context:
+            raise ValueError("context (2.5D) needs CT volumes; image folders have single slices")
+        return self
 
     @property
     def in_channels(self) -> int:
+        if self.source == "images":
+            # Pictures are windowed already: grey (one window) or three display channels.
+            return 1 if len(self.windows) == 1 else 3
         return len(self.windows) * (2 * self.context + 1)
 
 
 class TaskConfig(StrictModel):
     mode: Literal["multilabel", "multiclass"] = "multilabel"
     # Multilabel: per-class loss weights; the RSNA metric weights `any` twice.
-    class_weights: list[float] | None = [2.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    class_weights: list[float] | None = list(RSNA_WEIGHTS)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     # Multiclass: the class names (default: normal vs hemorrhage).
     classes: list[str] | None = None
@@ -107,6 +143,9 @@ class TrainConfig(StrictModel):
     optimizer: Literal["adam", "adamw"] = "adamw"
     lr: float = Field(3e-4, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
+    # cosine: linear warm-up then cosine annealing; onecycle: Smith's one-cycle policy with
+    # `lr` as its peak (pick it with `ichseg lr-find`).
+    scheduler: Literal["cosine", "onecycle"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     amp: bool = True
     grad_clip: float | None = 1.0
@@ -120,7 +159,19 @@ class TrainConfig(StrictModel):
 class EvalConfig(StrictModel):
     n_boot: int = Field(1000, ge=0)
     threshold_rule: Literal["youden", "f1"] = "youden"
-    aggregation: Literal["max", "mean"] = "max"
+    # How slice probabilities become a series probability, in evaluation and in `predict`:
+    # max, mean, or topK (mean of the K highest slices).
+    aggregation: str = "max"
+
+    @field_validator("aggregation")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        from ichseg.metrics.series import check_aggregation
+
+        try:
+            return check_aggregation(value)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
 
 
 class RunConfig(StrictModel):
@@ -158,11 +209,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} invalid YAML") from None
+    if data is None:
+        # An empty file is a mistake, not a request for every default (a full training run).
+        raise ConfigError(f"{path}: config file is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data

@@ -36,9 +36,10 @@ def run_demo(
         progress: progress bars and per-epoch lines.
         echo: where status lines go.
     """
-    from ichseg.engine.ablation import format_table, run_ablation
+    from ichseg.engine.ablation import format_comparisons, format_table, run_ablation
     from ichseg.phantom import PhantomConfig, generate_study, write_dataset
-    from ichseg.segmentation.unet import SegmenterConfig, train_segmenter
+    from ichseg.segmentation.training import train_segmenter
+    from ichseg.segmentation.unet import SegmenterConfig
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -62,12 +63,7 @@ def run_demo(
             generate_study(DEMO_SEGMENTER_SEED + i, PhantomConfig(size=128, num_slices=20))
             for i in range(DEMO_SEGMENTER_STUDIES)
         ]
-        checkpoint = train_segmenter(
-            [(s.hu, s.intracranial_mask) for s in studies],
-            SegmenterConfig(),
-            segmenter_dir,
-            progress=progress,
-        )
+        checkpoint = train_segmenter(studies, SegmenterConfig(), segmenter_dir, progress=progress)
 
     echo(f"[3/4] ablation ladder, quick profile, {seeds} seed(s) per rung")
     result = run_ablation(
@@ -81,8 +77,13 @@ def run_demo(
     )
 
     seconds = time.perf_counter() - started
-    echo("[4/4] results (test split, patient-level; mean [95 % CI] over seeds)")
+    echo(
+        "[4/4] results on the held-out test patients: mean over seeds [95 % CI over test "
+        "patients and seeds]"
+    )
     echo(format_table(result.table))
+    echo("each rung minus the previous one (paired, same patients):")
+    echo(format_comparisons(result.table))
     echo(f"report: {result.markdown_path}")
     echo(f"table: {result.csv_path}  plot: {result.plot_path}")
     echo(f"segmenter: {checkpoint}  phantom scans: {scans}")

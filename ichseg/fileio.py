@@ -56,14 +56,53 @@ def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: list
     return Path(path)
 
 
-def save_figure(figure: Any, path: str | Path, dpi: int = 110, **kwargs: Any) -> Path:
-    """Save a matplotlib figure as PNG and close it."""
-    import matplotlib.pyplot as plt
+def new_figure(**kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` drawn by the Agg canvas.
 
+    The object API keeps pyplot's global state (backend, open-figure list) out of the library,
+    so figures work headless and in threads, and nothing has to be closed.
+
+    Args:
+        kwargs: passed to ``matplotlib.figure.Figure`` (``figsize``, ``layout``, ...).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Any, path: str | Path, dpi: int = 110, **kwargs: Any) -> Path:
+    """Save a figure made by :func:`new_figure` as PNG, atomically."""
     with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, dpi=dpi, **kwargs)
-    plt.close(figure)
+        figure.savefig(tmp, dpi=dpi, format="png", **kwargs)
     return Path(path)
+
+
+def check_output_folder(out_dir: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse an output folder that is an existing file or lies inside an input folder.
+
+    Called before any slow work (model loading, decoding), so a wrong path fails at once.
+
+    Args:
+        out_dir: the folder a command will write to.
+        inputs: input files or folders that must never receive output.
+
+    Raises:
+        InputError: naming the output path and the reason.
+    """
+    from ichseg.errors import InputError
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output path exists and is not a folder")
+    target = out.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if source.is_dir() and (target == source or source in target.parents):
+            raise InputError(out, f"output folder must not be inside the input {item}")
+    return out
 
 
 def torch_save(obj: Any, path: str | Path) -> Path:

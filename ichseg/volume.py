@@ -22,6 +22,9 @@ SUBTYPES: tuple[str, ...] = (
 )
 """The six RSNA labels, in the order every table and model output of ichseg uses."""
 
+RSNA_WEIGHTS: tuple[float, ...] = (2.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+"""RSNA 2019 class weights for ``SUBTYPES``: ``any`` counts twice (metric and default loss)."""
+
 HEMORRHAGE_CODES: dict[int, str] = {
     1: "epidural",
     2: "intraparenchymal",

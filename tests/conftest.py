@@ -47,12 +47,13 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def segmenter_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-epoch 2D U-Net intracranial segmenter trained on three phantom volumes."""
-    unet = pytest.importorskip("ichseg.segmentation.unet")
     from ichseg.phantom import PhantomConfig, generate_study
+    from ichseg.segmentation.training import train_segmenter
+    from ichseg.segmentation.unet import SegmenterConfig
 
     studies = [generate_study(seed, PhantomConfig(size=64, num_slices=8)) for seed in (1, 2, 3)]
-    config = unet.SegmenterConfig(
+    config = SegmenterConfig(
         image_size=64, channels=(8, 16), strides=(2,), epochs=1, batch_size=8, amp=False
     )
     run_dir = tmp_path_factory.mktemp("segmenter")
-    return unet.train_segmenter(studies, config, run_dir, progress=False)
+    return train_segmenter(studies, config, run_dir, progress=False)

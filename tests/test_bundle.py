@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -282,8 +283,15 @@ def test_bad_run_folders(tmp_path: Path, trained_run: Path) -> None:
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "best.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="cannot load"):
+    with pytest.raises(InputError, match="not a readable PyTorch checkpoint"):
         export_bundle(junk, tmp_path / "out")
+
+    # A run never evaluated has no validated thresholds: refused, never exported at 0.5.
+    unevaluated = tmp_path / "unevaluated"
+    unevaluated.mkdir()
+    shutil.copyfile(trained_run / "best.pt", unevaluated / "best.pt")
+    with pytest.raises(InputError, match="thresholds missing"):
+        export_bundle(unevaluated, tmp_path / "out")
 
     with pytest.raises(ConfigError, match="version"):
         export_bundle(trained_run, tmp_path / "out", version="one")
@@ -293,10 +301,7 @@ def test_bad_run_folders(tmp_path: Path, trained_run: Path) -> None:
 
 
 def _masked_run(trained_run: Path, root: Path, checkpoint: Path | None) -> Path:
-    """A run folder whose checkpoint says it was trained on U-Net-masked slices.
-
-    Export never loads the weights, so an empty state dict keeps the file tiny.
-    """
+    """A run folder whose checkpoint says it was trained on U-Net-masked slices."""
     import torch
 
     state = torch.load(trained_run / "best.pt", weights_only=True)
@@ -305,7 +310,8 @@ def _masked_run(trained_run: Path, root: Path, checkpoint: Path | None) -> Path:
     config["masking"]["checkpoint"] = None if checkpoint is None else str(checkpoint)
     run = root / "masked_run"
     run.mkdir(parents=True)
-    torch.save({"state_dict": {}, "config": config}, run / "best.pt")
+    torch.save({"state_dict": state["state_dict"], "config": config}, run / "best.pt")
+    shutil.copyfile(trained_run / "thresholds.json", run / "thresholds.json")
     return run
 
 

@@ -8,25 +8,25 @@ import math
 import numpy as np
 import pytest
 
-from ichseg.engine import (
+from ichseg.engine.report import write_report
+from ichseg.metrics import (
+    LOG_LOSS_EPS,
     aggregate_by_series,
+    aggregate_probabilities,
+    auroc,
+    average_precision,
     bootstrap_ci,
     bootstrap_distribution,
     choose_thresholds,
     classification_report,
     evaluate_multiclass,
     evaluate_multilabel,
-    fast_auroc,
     mean_ci,
     multiclass_log_loss,
     nanmean,
-    per_class_auroc,
-    per_class_average_precision,
     roc_curve,
     rsna_weighted_log_loss,
-    series_auroc,
     threshold_metrics,
-    write_report,
 )
 from ichseg.volume import SUBTYPES
 
@@ -46,29 +46,54 @@ def test_weighted_log_loss_by_hand() -> None:
     first = (2 * -ln(0.9) - ln(0.9) - ln(0.8) - ln(0.9) - ln(0.9) - ln(0.6)) / 7
     second = (2 * -ln(0.8) - 4 * ln(0.9) - ln(0.7)) / 7
     assert rsna_weighted_log_loss(y, p) == pytest.approx((first + second) / 2, rel=1e-9)
-    # A certain mistake is clipped, not infinite.
-    clipped = rsna_weighted_log_loss([[1, 0, 0, 0, 0, 0]], [[0, 0, 0, 0, 0, 0]], eps=1e-7)
-    assert clipped == pytest.approx((2 * -ln(1e-7) - 5 * ln(1 - 1e-7)) / 7)
+    # A certain mistake is clipped at the leaderboard's 1e-15, not infinite.
+    assert LOG_LOSS_EPS == 1e-15
+    clipped = rsna_weighted_log_loss([[1, 0, 0, 0, 0, 0]], [[0, 0, 0, 0, 0, 0]])
+    assert clipped == pytest.approx((2 * -ln(1e-15) - 5 * ln(1 - 1e-15)) / 7)
+
+
+def test_unknown_labels_leave_the_loss_and_the_auroc() -> None:
+    nan = math.nan
+    y = np.array([[1, nan], [0, 0], [1, 1], [0, nan]])
+    p = np.array([[0.9, 0.99], [0.2, 0.4], [0.7, 0.6], [0.1, 0.01]])
+    ln = math.log
+    first = (2 * -ln(0.9)) / 2  # only `any` is known in row 0
+    second = (2 * -ln(0.8) - ln(0.6)) / 3
+    third = (2 * -ln(0.7) - ln(0.6)) / 3
+    fourth = (2 * -ln(0.9)) / 2
+    got = rsna_weighted_log_loss(y, p, weights=[2, 1])
+    assert got == pytest.approx((first + second + third + fourth) / 4)
+    # Column 1 has one known negative and one known positive: AUROC 1 on those rows only.
+    assert auroc(y, p).tolist() == pytest.approx([1.0, 1.0])
 
 
 def test_auroc_perfect_inverse_and_single_class() -> None:
     y = np.array([[0, 1, 0], [0, 1, 1], [1, 1, 0], [1, 1, 1]], float)
     p = np.array([[0.1, 0.2, 0.9], [0.2, 0.3, 0.1], [0.8, 0.4, 0.8], [0.9, 0.5, 0.2]])
-    auc = per_class_auroc(y, p)
+    auc = auroc(y, p)
     assert auc[0] == pytest.approx(1.0)
     assert math.isnan(auc[1])  # column 1 is all positive
     assert auc[2] == pytest.approx(0.0)
-    ap = per_class_average_precision(y, p)
+    ap = average_precision(y, p)
     assert ap[0] == pytest.approx(1.0) and math.isnan(ap[1])
     assert nanmean(auc) == pytest.approx(0.5)
     assert math.isnan(nanmean([math.nan, math.nan]))
 
 
-def test_fast_auroc_matches_torchmetrics_with_ties() -> None:
+def test_auroc_matches_torchmetrics_with_ties() -> None:
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
     y, p = _toy(300, seed=1)
     p = np.round(p, 1)  # many ties
     y[:, 3] = 0  # one class without positives
-    np.testing.assert_allclose(fast_auroc(y, p), per_class_auroc(y, p), atol=1e-6)
+    expected = [
+        math.nan
+        if y[:, k].min() == y[:, k].max()
+        else float(binary_auroc(torch.from_numpy(p[:, k]), torch.from_numpy(y[:, k]).long()))
+        for k in range(6)
+    ]
+    np.testing.assert_allclose(auroc(y, p), expected, atol=1e-6)
 
 
 def test_roc_curve_endpoints() -> None:
@@ -85,7 +110,8 @@ def test_youden_thresholds_on_separable_data() -> None:
     m = threshold_metrics(y, p, thr)
     assert m["sensitivity"][0] == 1.0 and m["specificity"][0] == 1.0 and m["f1"][0] == 1.0
     assert choose_thresholds(y, p, "f1")[0] == pytest.approx(0.6)
-    assert choose_thresholds(np.zeros((3, 1)), np.ones((3, 1)))[0] == 0.5
+    # No rule applies to a class with one label value: NaN, for the caller to handle visibly.
+    assert math.isnan(choose_thresholds(np.zeros((3, 1)), np.ones((3, 1)))[0])
     with pytest.raises(ValueError):
         choose_thresholds(y, p, "accuracy")
 
@@ -115,17 +141,17 @@ def test_series_aggregation_by_max() -> None:
     assert ids.tolist() == ["a", "b", "c"]
     assert ys.tolist() == [[0, 0], [1, 1], [0, 1]]
     np.testing.assert_allclose(ps, [[0.2, 0.4], [0.3, 0.9], [0.6, 0.3]])
-    # Slice AUROC is imperfect; the series maxima separate "any" perfectly.
-    s = series_auroc(
-        np.array([[1], [0], [0], [0]], float),
-        np.array([[0.1], [0.9], [0.2], [0.3]]),
-        [1, 1, 2, 3],
-    )
-    assert s["n_series"] == 3 and s["auroc_any"] == pytest.approx(1.0)
+    _, _, mean = aggregate_by_series(y, p, ["b", "b", "a", "a", "c"], rule="mean")
+    np.testing.assert_allclose(mean[0], [0.125, 0.25])
+    np.testing.assert_allclose(aggregate_probabilities(p[:2], "top1"), p[:2].max(0))
+    # Unknown slice labels: known ones decide, an all-unknown series stays unknown.
+    nan = math.nan
+    _, ys, _ = aggregate_by_series(np.array([[nan], [0.0], [nan]]), np.zeros((3, 1)), [1, 1, 2])
+    assert ys[0, 0] == 0 and math.isnan(ys[1, 0])
 
 
 def _macro(yt: np.ndarray, yp: np.ndarray) -> float:
-    return nanmean(fast_auroc(yt, yp))
+    return nanmean(auroc(yt, yp))
 
 
 def test_bootstrap_ci_contains_estimate_and_shrinks() -> None:
@@ -150,8 +176,8 @@ def test_group_bootstrap_resamples_whole_groups() -> None:
         sizes = np.bincount(groups, minlength=10)
         return float(np.all(counts % sizes == 0))
 
-    values = bootstrap_distribution(whole_groups, ids, ids, groups=groups, n_boot=100)
-    assert values.size == 100 and np.all(values == 1.0)
+    values, dropped = bootstrap_distribution(whole_groups, ids, ids, groups=groups, n_boot=100)
+    assert values.size == 100 and dropped == 0 and np.all(values == 1.0)
 
 
 def test_group_bootstrap_skips_nan_resamples() -> None:
@@ -160,13 +186,13 @@ def test_group_bootstrap_skips_nan_resamples() -> None:
     y = np.zeros((20, 1))
     y[:3, 0] = 1
     p = np.linspace(0, 1, 20)[:, None]
-    values = bootstrap_distribution(_macro, y, p, groups=groups, n_boot=200, seed=0)
-    # P(group 0 missing) = (4/5)^5 ~ 0.33, so about a third are skipped.
-    assert 80 < values.size < 190
+    values, dropped = bootstrap_distribution(_macro, y, p, groups=groups, n_boot=200, seed=0)
+    # P(group 0 missing) = (4/5)^5 ~ 0.33, so about a third are skipped, and counted.
+    assert 80 < values.size < 190 and values.size + dropped == 200
     low, high = bootstrap_ci(_macro, y, p, groups=groups, n_boot=200, seed=0)
     assert np.isfinite([low, high]).all() and low <= high
     # Row-level resampling almost never loses all three positives.
-    rows = bootstrap_distribution(_macro, y, p, n_boot=200, seed=0)
+    rows, _ = bootstrap_distribution(_macro, y, p, n_boot=200, seed=0)
     assert rows.size > values.size
 
 
@@ -182,20 +208,65 @@ def test_evaluate_multilabel_is_strict_json() -> None:
     y, p = _toy(120, seed=4, rate=0.04)
     y[:, 1] = 0  # a subtype absent from the test set: undefined values must become None
     series = np.repeat(np.arange(30), 4)
+    patients = np.repeat(np.arange(15), 8)
     val_y, val_p = _toy(120, seed=5)
     thr = choose_thresholds(val_y, val_p)
-    result = evaluate_multilabel(y, p, series_ids=series, thresholds=thr, n_boot=100)
+    result = evaluate_multilabel(
+        y,
+        p,
+        class_names=SUBTYPES,
+        groups=patients,
+        series_ids=series,
+        thresholds=np.nan_to_num(thr, nan=0.5),
+        n_boot=100,
+    )
     text = json.dumps(result, allow_nan=False)
     assert json.loads(text) == result
     assert list(result["per_class"]) == list(SUBTYPES)
     assert result["per_class"]["epidural"]["auroc"] is None
+    assert "epidural" not in result["macro_classes"]  # the fixed set is reported
     assert result["per_class"]["any"]["confusion"][1][1] >= 0
     assert result["auroc_any"] == pytest.approx(result["per_class"]["any"]["auroc"])
     assert result["series_auroc_any"] is not None and result["n_series"] == 30
-    assert result["bootstrap"]["unit"] == "series" and result["threshold_source"] == "given"
-    for key in ("auroc_any", "macro_auroc", "weighted_log_loss"):
+    assert result["bootstrap"]["unit"] == "patient" and result["bootstrap"]["n_units"] == 15
+    assert result["threshold_source"] == "validation"
+    for key in ("auroc_any", "macro_auroc", "weighted_log_loss", "series_auroc_any"):
         low, high = result["ci"][key]
         assert low <= result[key] <= high, key
+
+
+def test_macro_auroc_never_averages_a_shrinking_class_set() -> None:
+    # Subdural positives sit in one patient: resamples without it have no subdural AUROC.
+    y, p = _toy(200, seed=8, rate=0.2)
+    y[:, 5] = 0
+    y[:5, 5] = 1
+    patients = np.repeat(np.arange(40), 5)
+    result = evaluate_multilabel(
+        y, p, class_names=SUBTYPES, groups=patients, series_ids=patients, n_boot=200, seed=1
+    )
+    assert "subdural" in result["macro_classes"]
+    dropped = result["bootstrap"]["dropped"]["macro_auroc"]
+    # P(patient 0 missing) = (39/40)^40 ~ 0.36: those resamples are dropped and counted, not
+    # averaged over five classes instead of six.
+    assert 50 < dropped < 110
+
+
+def test_scan_level_labels_report_series_metrics_only() -> None:
+    y, p = _toy(80, seed=9, rate=0.3)
+    series = np.repeat(np.arange(20), 4)
+    y = np.repeat(y[::4], 4, axis=0)  # one label per scan, copied to its slices
+    result = evaluate_multilabel(
+        y,
+        p,
+        class_names=SUBTYPES,
+        groups=series,
+        series_ids=series,
+        label_level="series",
+        n_boot=20,
+    )
+    assert result["auroc_any"] is None and result["per_class"] is None
+    assert result["series_auroc_any"] is not None and "series_auroc_any" in result["ci"]
+    assert "auroc_any" not in result["ci"]
 
 
 def test_evaluate_multiclass_is_strict_json() -> None:
@@ -212,7 +283,7 @@ def test_evaluate_multiclass_is_strict_json() -> None:
             [0.6, 0.2, 0.2],
         ]
     )
-    result = evaluate_multiclass(y, p, ["none", "small", "large"], n_boot=50)
+    result = evaluate_multiclass(y, p, ["none", "small", "large"], groups=np.arange(8), n_boot=50)
     assert json.loads(json.dumps(result, allow_nan=False)) == result
     assert result["accuracy"] == pytest.approx(6 / 8)
     assert result["confusion"] == [[2, 1, 0], [0, 2, 0], [1, 0, 2]]
@@ -223,7 +294,10 @@ def test_evaluate_multiclass_is_strict_json() -> None:
 
 def test_write_report_creates_files(tmp_path) -> None:
     y, p = _toy(60, seed=6)
-    metrics = evaluate_multilabel(y, p, n_boot=20)
+    series = np.repeat(np.arange(15), 4)
+    metrics = evaluate_multilabel(
+        y, p, class_names=SUBTYPES, groups=series, series_ids=series, n_boot=20
+    )
     paths = write_report(metrics, tmp_path / "ml", y, p, SUBTYPES, "multilabel")
     names = [path.name for path in paths]
     assert names == ["metrics.json", "report.md", "roc_curves.png", "confusion_matrices.png"]
@@ -231,12 +305,13 @@ def test_write_report_creates_files(tmp_path) -> None:
     assert json.loads(paths[0].read_text()) == metrics
     md = paths[1].read_text()
     assert "| class |" in md and "macro AUROC" in md and "intraventricular" in md
+    assert "## Series" in md
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "ml").glob(".*.tmp"))
 
     yc = np.array([0, 1, 2, 1, 0, 2])
     pc = np.eye(3)[[0, 1, 1, 1, 0, 2]] * 0.7 + 0.1
-    mc = evaluate_multiclass(yc, pc, ["a", "b", "c"], n_boot=20)
+    mc = evaluate_multiclass(yc, pc, ["a", "b", "c"], groups=np.arange(6), n_boot=20)
     paths = write_report(mc, tmp_path / "mc", yc, pc, ["a", "b", "c"], "multiclass")
     assert all(path.is_file() for path in paths)
     assert "log loss" in paths[1].read_text()

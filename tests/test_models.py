@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ichseg.errors import ConfigError
-from ichseg.models import classifiers, create_model, list_models
+from ichseg.models import create_model, list_models, pretrained
 
 torch.set_num_threads(2)
 
@@ -184,7 +184,7 @@ def test_pretrained_true_offline_is_one_line_config_error(monkeypatch) -> None:
     def offline(source: str, arch: str) -> dict:
         raise OSError("[Errno -3] Temporary failure in name resolution\nmore detail")
 
-    monkeypatch.setattr(classifiers, "_download_weights", offline)
+    monkeypatch.setattr(pretrained, "_download_weights", offline)
     with pytest.raises(ConfigError) as info:
         create_model("resnet18", pretrained=True)
     message = str(info.value)
@@ -201,7 +201,7 @@ def test_pretrained_true_uses_download_and_adapts(monkeypatch) -> None:
         calls.append((src, arch))
         return source.state_dict()
 
-    monkeypatch.setattr(classifiers, "_download_weights", fake_download)
+    monkeypatch.setattr(pretrained, "_download_weights", fake_download)
     model = create_model("resnet18", in_channels=9, pretrained=True)
     assert calls == [("timm", "resnet18")]
     assert model.backbone.conv1.weight.shape == (64, 9, 7, 7)

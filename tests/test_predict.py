@@ -187,11 +187,13 @@ def test_gradcam_written_for_positive_series(
 ) -> None:
     from PIL import Image
 
+    from ichseg.engine.checkpoint import Thresholds
     from ichseg.inference import load_predictor, predict
 
     predictor = load_predictor(trained_run, device="cpu")
     # Zero thresholds make every series positive, whatever the tiny model learnt.
-    predictor.thresholds = dict.fromkeys(predictor.class_names, 0.0)
+    zero = dict.fromkeys(predictor.class_names, 0.0)
+    predictor.thresholds = Thresholds(zero, zero)
     out = tmp_path / "out"
 
     result = predict(
@@ -217,10 +219,12 @@ def test_gradcam_written_for_positive_series(
 def test_no_gradcam_for_negative_series(
     trained_run: Path, phantom_dir: Path, tmp_path: Path
 ) -> None:
+    from ichseg.engine.checkpoint import Thresholds
     from ichseg.inference import load_predictor, predict
 
     predictor = load_predictor(trained_run, device="cpu")
-    predictor.thresholds = dict.fromkeys(predictor.class_names, 1.01)  # nothing is positive
+    never = dict.fromkeys(predictor.class_names, 1.01)  # nothing is positive
+    predictor.thresholds = Thresholds(never, never)
     out = tmp_path / "out"
 
     predict(trained_run, phantom_dir / "dicom", out, progress=False, predictor=predictor)
@@ -230,28 +234,34 @@ def test_no_gradcam_for_negative_series(
     assert not list(out.rglob("*.png"))
 
 
-def test_aggregation_rules(trained_run: Path, phantom_dir: Path, tmp_path: Path) -> None:
-    from ichseg.inference import aggregate_series
+def test_aggregation_rules() -> None:
+    from ichseg.metrics import aggregate_probabilities
 
     probabilities = np.array([[0.1, 0.9], [0.5, 0.2], [0.3, 0.4]])
-    np.testing.assert_allclose(aggregate_series(probabilities, "max"), [0.5, 0.9])
-    np.testing.assert_allclose(aggregate_series(probabilities, "mean"), [0.3, 0.5])
-    np.testing.assert_allclose(aggregate_series(probabilities, "top2"), [0.4, 0.65])
+    np.testing.assert_allclose(aggregate_probabilities(probabilities, "max"), [0.5, 0.9])
+    np.testing.assert_allclose(aggregate_probabilities(probabilities, "mean"), [0.3, 0.5])
+    np.testing.assert_allclose(aggregate_probabilities(probabilities, "top2"), [0.4, 0.65])
     for bad in ("median", "top0", "topx", "top"):
         with pytest.raises(ConfigError, match="unknown aggregation"):
-            aggregate_series(probabilities, bad)
+            aggregate_probabilities(probabilities, bad)
 
+
+def test_series_labels_use_series_thresholds(
+    trained_run: Path, phantom_dir: Path, tmp_path: Path
+) -> None:
+    from ichseg.engine.checkpoint import Thresholds
+    from ichseg.inference import load_predictor, predict
+
+    predictor = load_predictor(trained_run, device="cpu")
+    names = predictor.class_names
+    # Every slice is positive at its threshold, no series at its own: a slice threshold
+    # applied to the series maximum would call every series positive.
+    predictor.thresholds = Thresholds(dict.fromkeys(names, 0.0), dict.fromkeys(names, 1.01))
     out = tmp_path / "out"
-    result = _predict(trained_run, phantom_dir / "dicom", out, "--aggregation", "median")
-    assert result.exit_code == 2
-    assert "unknown aggregation" in result.output and "Traceback" not in result.output
-    assert not out.exists()  # the rule is checked before any work
-
-    result = _predict(
-        trained_run, phantom_dir / "dicom", out, "--aggregation", "mean", "--no-gradcam"
-    )
-    assert result.exit_code == 0, result.output
+    predict(trained_run, phantom_dir / "dicom", out, progress=False, predictor=predictor)
     slices = _read_csv(out / "predictions.csv")
+    assert all(r["label_any"] == "1" for r in slices)
     for row in _read_csv(out / "series.csv"):
+        assert row["label_any"] == "0"
         own = [float(r["any"]) for r in slices if r["series_uid"] == row["series_uid"]]
-        assert float(row["any"]) == pytest.approx(np.mean(own), abs=1e-5)
+        assert float(row["any"]) == pytest.approx(max(own), abs=1e-5)  # the run's rule: max

@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from ichseg.errors import ConfigError, InputError
+from ichseg.metrics.overlap import mask_metrics
 from ichseg.phantom import PhantomConfig, generate_study, study_to_volume, write_dataset
 from ichseg.segmentation import (
     MaskingConfig,
@@ -30,9 +31,6 @@ from ichseg.segmentation import (
     load_segmenter,
     make_masker,
     mask_bbox,
-    mask_images,
-    mask_metrics,
-    pseudo_labels,
     segment_folder,
     train_segmenter,
 )
@@ -170,16 +168,29 @@ def test_classical_speed_full_size():
 def test_train_segmenter_writes_run_and_round_trips(tiny_checkpoint):
     best, seg_config = tiny_checkpoint
     run_dir = best.parent
-    for name in ("best.pt", "last.pt", "config.yaml", "metrics.jsonl"):
+    # The same run files as a classifier run.
+    for name in (
+        "best.pt",
+        "last.pt",
+        "config.yaml",
+        "splits.json",
+        "metrics.jsonl",
+        "metrics.csv",
+    ):
         assert (run_dir / name).is_file(), name
+    assert (run_dir / "curves.png").stat().st_size > 0
     assert not list(run_dir.glob(".*.tmp"))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(0.0 <= r["val_dice"] <= 1.0 for r in records)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert SegmenterConfig.model_validate(saved) == seg_config
+    assert SegmenterConfig.model_validate(saved["model"]) == seg_config
+    assert "data" in saved
+    splits = json.loads((run_dir / "splits.json").read_text())
+    assert splits["val"] and not set(splits["val"]) & set(splits["train"])
     checkpoint = torch.load(best, weights_only=True)
-    assert set(checkpoint) == {"state_dict", "config", "epoch", "val_dice"}
+    assert checkpoint["kind"] == "segmenter"
+    assert {"state_dict", "config", "epoch", "monitor"} <= set(checkpoint)
 
     segmenter = load_segmenter(best)
     assert segmenter.config == seg_config
@@ -188,20 +199,69 @@ def test_train_segmenter_writes_run_and_round_trips(tiny_checkpoint):
     assert mask.shape == hu.shape and mask.dtype == np.uint8
     assert set(np.unique(mask)) <= {0, 1}
     prob = segmenter.predict_proba(hu, amp=False)
-    assert prob.shape == hu.shape and prob.dtype == np.float32
+    assert prob.shape == (2, *hu.shape) and prob.dtype == np.float32
 
 
-def test_train_accepts_pairs_and_pseudo_labels(tmp_path):
+def test_train_accepts_pairs_without_validation(tmp_path):
     study = generate_study(40, PhantomConfig(size=48, num_slices=4))
     volume = study_to_volume(study)
-    pairs = pseudo_labels([volume])
-    assert pairs[0][1].shape == study.hu.shape
-    assert dice(pairs[0][1], study.intracranial_mask) >= 0.9
+    pseudo = classical_intracranial_mask(volume.hu, volume.spacing)
+    assert dice(pseudo, study.intracranial_mask) >= 0.9
     config = SegmenterConfig(
-        image_size=32, channels=(8, 16), strides=(2,), epochs=1, batch_size=4, val_fraction=0.0
+        image_size=32, channels=(8, 16), strides=(2,), epochs=2, batch_size=4, val_fraction=0.0
     )
-    best = train_segmenter(pairs + [(study.hu, study.intracranial_mask)], config, tmp_path, False)
-    assert torch.load(best, weights_only=True)["val_dice"] is None
+    pairs = [(volume.hu, pseudo), (study.hu, study.intracranial_mask)]
+    best = train_segmenter(pairs, config, tmp_path, progress=False)
+    # Nothing held out: the last epoch is kept.
+    assert torch.load(best, weights_only=True)["epoch"] == 1
+
+
+def test_segmenter_resumes_like_a_classifier(tmp_path):
+    studies = [generate_study(seed, PhantomConfig(size=48, num_slices=4)) for seed in (1, 2, 3)]
+    config = SegmenterConfig(
+        image_size=32, channels=(8, 16), strides=(2,), epochs=3, batch_size=4, amp=False
+    )
+    from ichseg.engine.checkpoint import load_checkpoint
+    from ichseg.engine.loop import state_digest
+    from ichseg.segmentation import training
+
+    full = train_segmenter(studies, config, tmp_path / "full", progress=False)
+    validate = training.SegmenterTask.validate
+    calls = []
+
+    def interrupted(self, model, device):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second epoch
+        return validate(self, model, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.SegmenterTask, "validate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_segmenter(studies, config, tmp_path / "cut", progress=False)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 0
+    train_segmenter(studies, config, tmp_path / "cut", resume=True, progress=False)
+    a = load_checkpoint(full.parent / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    assert state_digest(a["state_dict"]) == state_digest(b["state_dict"])
+    # A changed config is refused on resume rather than mixed into the run.
+    longer = config.model_copy(update={"epochs": 4})
+    with pytest.raises(ConfigError, match="cannot resume.*epochs"):
+        train_segmenter(studies, longer, tmp_path / "cut", resume=True, progress=False)
+
+
+def test_hemorrhage_target_trains_a_label_map_model(tmp_path):
+    config = PhantomConfig(size=48, num_slices=6, negative_fraction=0.0)
+    studies = [generate_study(seed, config) for seed in (5, 6, 7)]
+    seg = SegmenterConfig(
+        target="hemorrhage", image_size=32, channels=(8, 16), strides=(2,), epochs=1, batch_size=8
+    )
+    best = train_segmenter(studies, seg, tmp_path, progress=False)
+    segmenter = load_segmenter(best)
+    assert segmenter.config.num_classes == 6
+    labels = segmenter.predict(studies[0].hu)
+    assert labels.shape == studies[0].hu.shape and labels.max() <= 5
 
 
 def test_context_channels_predict_shape():
@@ -275,16 +335,7 @@ def test_crop_to_mask_bbox_with_margin():
     assert crop_to_mask(channels, mask, 0.0)[0].shape == (3, 2, 10, 10)
 
 
-def test_mask_images_follows_config():
-    hu = np.zeros((2, 30, 30), dtype=np.float32)
-    mask = np.zeros((2, 30, 30), dtype=bool)
-    mask[:, 10:20, 10:20] = True
-    same, box = mask_images(hu, mask, MaskingConfig(enabled=False))
-    assert box is None and np.array_equal(same, hu)
-    config = MaskingConfig(enabled=True, crop=True, margin_mm=1.0, dilation_mm=2.0)
-    out, box = mask_images(hu, mask, config, spacing=(1.0, 1.0))
-    assert box == (7, 23, 7, 23)
-    assert out[0, 0, 0] == -1000.0 and out[0, 8, 8] == 0.0
+def test_masking_config_rejects_unknown_keys():
     with pytest.raises(ValidationError, match="dilaton_mm"):
         MaskingConfig(dilaton_mm=1.0)
 

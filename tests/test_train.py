@@ -14,7 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from ichseg.cli import app
-from ichseg.engine.train import load_checkpoint, state_digest
+from ichseg.engine.checkpoint import load_checkpoint
+from ichseg.engine.loop import state_digest
 
 TINY = {
     "name": "tiny",
@@ -86,8 +87,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path):
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
     assert a["epoch"] == b["epoch"] == 2
     assert state_digest(a["state_dict"]) == state_digest(b["state_dict"])
-    metrics_a = json.loads((full / "eval" / "metrics.json").read_text())
-    metrics_b = json.loads((killed / "eval" / "metrics.json").read_text())
+    metrics_a = json.loads((full / "eval" / "test" / "metrics.json").read_text())
+    metrics_b = json.loads((killed / "eval" / "test" / "metrics.json").read_text())
     for key in ("auroc_any", "macro_auroc", "weighted_log_loss"):
         assert metrics_a[key] == pytest.approx(metrics_b[key], rel=1e-6, abs=1e-9)
     history_a = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
@@ -126,7 +127,7 @@ def test_torchrun_ddp_two_processes_on_cpu(tmp_path: Path):
     assert (
         state_digest(checkpoint["state_dict"]) == ranks[0]["state_sha1"] == ranks[1]["state_sha1"]
     )
-    assert (run / "eval" / "metrics.json").exists()
+    assert (run / "eval" / "test" / "metrics.json").exists()
 
 
 def test_misspelt_config_key_fails_at_load(tmp_path: Path):
@@ -171,7 +172,8 @@ def test_data_folder_without_usable_slices_fails_with_one_line(tmp_path: Path):
 
 def test_best_checkpoint_loads_with_weights_only(tmp_path: Path):
     from ichseg.config import load_config
-    from ichseg.engine.train import build_model, train
+    from ichseg.engine.checkpoint import build_model
+    from ichseg.engine.train import train
 
     config = load_config(_write_config(tmp_path, train__epochs=1))
     result = train(config, tmp_path / "run", progress=False)

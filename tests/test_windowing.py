@@ -4,12 +4,10 @@ import pytest
 from ichseg.preprocess.windowing import (
     STANDARD_WINDOWS,
     Window,
-    center_crop_or_pad,
-    neighbour_indices,
+    neighbour_index,
     nonblank_slices,
     resize_slices,
     resolve_window,
-    slice_channels,
     stack_windows,
     window,
 )
@@ -54,20 +52,23 @@ def test_stack_windows_shape_and_values():
     np.testing.assert_allclose(out[:, 2], (40 + 800) / 2800, rtol=1e-6)
 
 
-def test_neighbour_indices_repeat_edges():
-    assert neighbour_indices(5, 0, 2) == [0, 0, 0, 1, 2]
-    assert neighbour_indices(5, 4, 1) == [3, 4, 4]
-    assert neighbour_indices(1, 0, 1) == [0, 0, 0]
+def test_neighbour_index_repeats_edges():
+    assert neighbour_index(5, 2)[0].tolist() == [0, 0, 0, 1, 2]
+    assert neighbour_index(5, 1)[4].tolist() == [3, 4, 4]
+    assert neighbour_index(1, 1).tolist() == [[0, 0, 0]]
+    assert neighbour_index(3, 0).tolist() == [[0], [1], [2]]
 
 
-def test_slice_channels_two_and_a_half_d_order():
+def test_two_and_a_half_d_channels_are_slice_major():
+    from ichseg.preprocess.pipeline import gather_context
+
     volume = np.stack([np.full((3, 3), v, dtype=np.float32) for v in (0.0, 40.0, 80.0)])
-    out = slice_channels(volume, 0, windows=["brain"], context=1)
-    # z-1 repeats slice 0, then slice 0, then slice 1
-    np.testing.assert_allclose(out[:, 0, 0], [0.0, 0.0, 0.5])
-    out2 = slice_channels(volume, 1, windows=["brain", "subdural"], context=1)
-    assert out2.shape == (6, 3, 3)
-    np.testing.assert_allclose(out2[:, 1, 1], [0.0, 0.1, 0.5, 0.3, 1.0, 0.5])
+    base = stack_windows(volume, ["brain", "subdural"])  # (3, 2, 3, 3)
+    out = gather_context(base, neighbour_index(3, 1))
+    assert out.shape == (3, 6, 3, 3)
+    # slice 0: z-1 repeats slice 0, then slice 0, then slice 1 (each: brain, subdural)
+    np.testing.assert_allclose(out[0, :, 0, 0], [0.0, 0.1, 0.0, 0.1, 0.5, 0.3])
+    np.testing.assert_allclose(out[1, :, 1, 1], [0.0, 0.1, 0.5, 0.3, 1.0, 0.5])
 
 
 def test_nonblank_slices_threshold():
@@ -82,6 +83,3 @@ def test_resize_and_crop():
     assert resize_slices(image[None], (8, 8)).shape == (1, 8, 8)
     labels = resize_slices(np.eye(4, dtype=np.uint8), (8, 8), order=0)
     assert set(np.unique(labels)) <= {0, 1}
-    padded = center_crop_or_pad(image, (6, 2), fill=-1)
-    assert padded.shape == (6, 2)
-    assert padded[0, 0] == -1 and padded[1, 0] == image[0, 1]

@@ -1,15 +1,24 @@
-"""The ablation ladder: each rung config x each seed, aggregated with confidence intervals.
+"""The ablation ladder: each rung config x each seed, compared with honest statistics.
 
-Every rung is trained and tested on the same patient-level split (the split seed is part of
-the config, not of the run seed), so rungs differ only by what the configs change; the run
-seed varies initialisation, augmentation and sampling. Each metric is reported as the mean over
-seeds with a Student-t 95 % interval; per-run bootstrap intervals are in each run's report.
+Every rung is trained and tested on the same patient-level split: the first run's
+``splits.json`` is given to every other run, so all rungs and seeds are scored on exactly the
+same test patients. Each test split is scored once per run (by ``train``); the ladder then reads
+the runs' test predictions and reports, per rung, the mean over seeds with a 95 % interval that
+resamples both test patients and seeds (:func:`ichseg.metrics.compare.seed_patient_bootstrap`),
+and, per rung, its difference from the previous rung on the same patients: a paired
+patient-and-seed bootstrap of the difference and DeLong's test on series (one case per series,
+seed-averaged probabilities). Validation figures (used for early stopping) are listed
+separately and labelled as such.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +33,11 @@ from ichseg.config import (
     parse_override,
     validate_config,
 )
-from ichseg.errors import ConfigError
-from ichseg.fileio import save_figure, write_csv, write_text
+from ichseg.engine.checkpoint import CONFIG_FILE, EVAL_DIR, HISTORY_JSONL, SPLITS_FILE
+from ichseg.errors import ConfigError, InputError
+from ichseg.fileio import new_figure, save_figure, write_csv, write_json, write_text
+from ichseg.metrics import nanmean
+from ichseg.volume import SUBTYPES
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +48,6 @@ LADDER = (
     "ablation/04_seresnet50_unet.yaml",
 )
 PROFILES = ("quick",)
-# Metrics of the ablation table: (key in the evaluation dict, column name, higher is better).
-TABLE_METRICS: tuple[tuple[str, str], ...] = (
-    ("auroc_any", "auroc_any"),
-    ("macro_auroc", "macro_auroc"),
-    ("weighted_log_loss", "weighted_log_loss"),
-    ("series_auroc_any", "series_auroc_any"),
-)
-
-METRIC_RANGES: dict[str, tuple[float, float]] = {
-    "auroc_any": (0.0, 1.0),
-    "macro_auroc": (0.0, 1.0),
-    "series_auroc_any": (0.0, 1.0),
-    "weighted_log_loss": (0.0, np.inf),
-}
 
 
 @dataclass
@@ -59,6 +57,7 @@ class AblationResult:
     csv_path: Path
     markdown_path: Path
     plot_path: Path
+    json_path: Path
 
 
 def resolve_rung(
@@ -80,21 +79,28 @@ def resolve_rung(
     return validate_config(data, str(path))
 
 
-def masker_for_config(config: RunConfig, segmenter: Path | None):
-    if not config.masking.enabled:
-        return None
-    from ichseg.segmentation.masking import make_masker
+# ---------------------------------------------------------------------------------------------
+# Runs
 
-    masking = config.masking
-    if masking.method == "unet":
-        checkpoint = segmenter or masking.checkpoint
-        if checkpoint is None:
-            raise ConfigError(
-                f"{config.name}: masking.method 'unet' needs masking.checkpoint or --segmenter"
-            )
-        masking = masking.model_copy(update={"checkpoint": Path(checkpoint).resolve()})
-        config.masking = masking
-    return make_masker(masking)
+
+def _finished(run_dir: Path, config: RunConfig) -> bool:
+    """Whether ``run_dir`` holds this exact config's evaluated run (else it must be (re)run)."""
+    from ichseg.config import load_config
+    from ichseg.engine.loop import config_differences
+
+    metrics = run_dir / EVAL_DIR / "test" / "predictions.csv"
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        return False
+    differences = config_differences(
+        load_config(config_path).model_dump(mode="json"), config.model_dump(mode="json")
+    )
+    if differences:
+        raise ConfigError(
+            f"{run_dir}: holds a run of another config ({'; '.join(differences[:3])}); "
+            "choose another --out or remove that run"
+        )
+    return metrics.exists()
 
 
 def run_ablation(
@@ -108,8 +114,9 @@ def run_ablation(
     cache_root: Path | None = None,
     progress: bool = True,
 ) -> AblationResult:
-    """Train and evaluate every rung for ``seeds`` seeds; write ablation.csv/.md/.png."""
+    """Train and test every rung for ``seeds`` seeds; write ablation.csv/.md/.json/.png."""
     from ichseg.engine.train import train
+    from ichseg.preprocess.pipeline import Preprocessor
 
     if seeds < 1:
         raise ConfigError("seeds must be at least 1")
@@ -119,133 +126,457 @@ def run_ablation(
     names = [r.name for r in rungs]
     if len(set(names)) != len(names):
         raise ConfigError(f"rung names must be unique, got {names}")
-    per_run: list[dict[str, Any]] = []
+    shared_split: Path | None = None
+    runs: list[dict[str, Any]] = []
     for rung in rungs:
-        masker = masker_for_config(rung, segmenter)
+        preprocessor = Preprocessor.from_config(rung, segmenter)
         for seed_index in range(seeds):
             config = rung.model_copy(update={"seed": rung.seed + seed_index}, deep=True)
             run_dir = out_dir / config.name / f"seed{config.seed}"
-            done = run_dir / "eval" / "metrics.json"
-            if done.exists():
-                metrics = json.loads(done.read_text())
-            else:
-                result = train(
+            if not _finished(run_dir, config):
+                if shared_split is not None and not (run_dir / SPLITS_FILE).exists():
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(shared_split, run_dir / SPLITS_FILE)
+                train(
                     config,
                     run_dir,
-                    resume=True,
-                    masker=masker,
+                    resume=(run_dir / "last.pt").exists(),
+                    preprocessor=preprocessor,
                     cache_root=cache_root,
                     progress=progress,
                 )
-                metrics = result.test_metrics or {}
-            per_run.append(
-                {
-                    "rung": config.name,
-                    "seed": config.seed,
-                    "model": config.model.name,
-                    "masked": config.masking.enabled,
-                    "metrics": metrics,
-                }
+            shared_split = shared_split or run_dir / SPLITS_FILE
+            runs.append(
+                {"rung": config.name, "seed": config.seed, "dir": run_dir, "config": config}
             )
-    table = aggregate(per_run)
+    report = analyse(runs, n_boot=rungs[0].eval.n_boot)
+    table = report["table"]
     return AblationResult(
         out_dir,
         table,
         _write_csv(table, out_dir / "ablation.csv"),
-        _write_markdown(table, per_run, out_dir / "ablation.md"),
-        _plot(table, out_dir / "ablation.png"),
+        _write_markdown(report, out_dir / "ablation.md"),
+        _plot(report, out_dir / "ablation.png"),
+        write_json(out_dir / "ablation.json", report),
     )
 
 
-def aggregate(per_run: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per rung: mean and 95 % t-interval over seeds for each table metric."""
-    from ichseg.engine.metrics import mean_ci
+# ---------------------------------------------------------------------------------------------
+# Statistics over the runs' test predictions
 
-    table = []
-    for rung in dict.fromkeys(r["rung"] for r in per_run):
-        runs = [r for r in per_run if r["rung"] == rung]
-        row: dict[str, Any] = {
-            "rung": rung,
-            "model": runs[0]["model"],
-            "masked": runs[0]["masked"],
-            "seeds": len(runs),
-        }
-        for key, column in TABLE_METRICS:
-            values = np.array([float(r["metrics"].get(key, np.nan)) for r in runs])
-            mean, low, high = mean_ci(values)
-            # A t-interval over three seeds can cross the metric's range; clip it there.
-            bounds = METRIC_RANGES.get(key, (-np.inf, np.inf))
-            low, high = float(np.clip(low, *bounds)), float(np.clip(high, *bounds))
-            row[f"{column}_mean"], row[f"{column}_ci_low"], row[f"{column}_ci_high"] = (
-                mean,
-                low,
-                high,
+
+@dataclass
+class RungPredictions:
+    """Test predictions of every seed of one rung, aligned on the same slices."""
+
+    rung: str
+    model: str
+    masked: bool
+    seeds: list[int]
+    keys: list[tuple[str, str, str]]
+    groups: np.ndarray
+    series: np.ndarray
+    labels: np.ndarray
+    probs: list[np.ndarray]
+    aggregation: str
+    validation: dict[str, float]
+
+
+def _read_predictions(
+    run_dir: Path,
+) -> tuple[list[tuple[str, str, str]], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    path = run_dir / EVAL_DIR / "test" / "predictions.csv"
+    if not path.exists():
+        raise InputError(run_dir, "the run has no test predictions (eval/test/predictions.csv)")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    keys = [(r["series_uid"], r["sop_uid"], r["slice_index"]) for r in rows]
+    groups = np.array([r["patient_id"] for r in rows])
+    series = np.array([r["series_uid"] for r in rows])
+    probs = np.array([[float(r[n]) for n in SUBTYPES] for r in rows], dtype=np.float64)
+    labels = np.array(
+        [
+            [float(r[f"true_{n}"]) if r[f"true_{n}"] != "" else np.nan for n in SUBTYPES]
+            for r in rows
+        ]
+    )
+    return keys, groups, series, labels, probs
+
+
+def _validation_summary(run_dir: Path) -> dict[str, float]:
+    path = run_dir / HISTORY_JSONL
+    if not path.exists():
+        return {}
+    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    best = min(history, key=lambda row: row.get("val_loss", math.inf))
+    return {
+        "val_loss": best.get("val_loss", math.nan),
+        "val_auroc": best.get("val_auroc", math.nan),
+    }
+
+
+def _collect(runs: list[dict[str, Any]]) -> list[RungPredictions]:
+    rungs: list[RungPredictions] = []
+    for name in dict.fromkeys(r["rung"] for r in runs):
+        members = [r for r in runs if r["rung"] == name]
+        first = members[0]["config"]
+        if first.task.mode != "multilabel":
+            raise ConfigError(f"{name}: the ladder compares multilabel rungs only")
+        keys, groups, series, labels, probs = _read_predictions(members[0]["dir"])
+        order = {k: i for i, k in enumerate(keys)}
+        all_probs = [probs]
+        for member in members[1:]:
+            other_keys, _, _, _, other = _read_predictions(member["dir"])
+            if set(other_keys) != set(keys):
+                raise InputError(member["dir"], "tested on other slices than the rung's first seed")
+            aligned = np.empty_like(other)
+            aligned[[order[k] for k in other_keys]] = other
+            all_probs.append(aligned)
+        validation = [_validation_summary(m["dir"]) for m in members]
+        rungs.append(
+            RungPredictions(
+                rung=name,
+                model=first.model.name,
+                masked=first.masking.enabled,
+                seeds=[m["seed"] for m in members],
+                keys=keys,
+                groups=groups,
+                series=series,
+                labels=labels,
+                probs=all_probs,
+                aggregation=first.eval.aggregation,
+                validation={
+                    k: nanmean([v.get(k, np.nan) for v in validation])
+                    for k in ("val_loss", "val_auroc")
+                },
             )
+        )
+    reference = rungs[0]
+    for rung in rungs[1:]:
+        if set(rung.keys) != set(reference.keys):
+            raise InputError(
+                None,
+                f"rungs {reference.rung} and {rung.rung} were tested on different slices; "
+                "paired comparisons need the same test patients",
+            )
+        order = {k: i for i, k in enumerate(rung.keys)}
+        picks = [order[k] for k in reference.keys]
+        rung.probs = [p[picks] for p in rung.probs]
+        rung.keys, rung.groups, rung.series = reference.keys, reference.groups, reference.series
+        rung.labels = reference.labels
+    return rungs
+
+
+def _metric_fns(macro_columns: list[int]) -> dict[str, Callable[[np.ndarray, np.ndarray], float]]:
+    from ichseg.metrics import auroc, rsna_weighted_log_loss
+
+    def any_auroc(y: np.ndarray, p: np.ndarray) -> float:
+        return float(auroc(y[:, 0], p[:, 0])[0])
+
+    def macro(y: np.ndarray, p: np.ndarray) -> float:
+        values = auroc(y[:, macro_columns], p[:, macro_columns])
+        return math.nan if not macro_columns or np.isnan(values).any() else float(values.mean())
+
+    fns = {
+        "auroc_any": any_auroc,
+        "macro_auroc": macro,
+        "weighted_log_loss": lambda y, p: rsna_weighted_log_loss(y, p),
+    }
+    for k, name in enumerate(SUBTYPES[1:], start=1):
+        fns[f"auroc_{name}"] = lambda y, p, k=k: float(auroc(y[:, k], p[:, k])[0])
+    return fns
+
+
+HEADLINE = (
+    "auroc_any",
+    "macro_auroc",
+    "weighted_log_loss",
+    "series_auroc_any",
+    "series_weighted_log_loss",
+)
+COMPARED = ("auroc_any", "weighted_log_loss", "series_auroc_any", "series_weighted_log_loss")
+LOWER_IS_BETTER = ("weighted_log_loss", "series_weighted_log_loss")
+
+
+def analyse(runs: list[dict[str, Any]], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Cells with patient-and-seed intervals and paired comparisons of consecutive rungs."""
+    from ichseg.metrics import aggregate_by_series, to_jsonable
+    from ichseg.metrics._base import has_both_labels
+    from ichseg.metrics.compare import (
+        delong_test,
+        paired_seed_patient_bootstrap,
+        seed_patient_bootstrap,
+    )
+
+    rungs = _collect(runs)
+    ref = rungs[0]
+    metrics_path = Path(runs[0]["dir"]) / EVAL_DIR / "test" / "metrics.json"
+    label_level = json.loads(metrics_path.read_text()).get("label_level", "slice")
+    macro_columns = [k for k in range(len(SUBTYPES)) if has_both_labels(ref.labels[:, k])]
+    fns = _metric_fns(macro_columns)
+    series_ids, series_labels, _ = aggregate_by_series(
+        ref.labels, ref.probs[0], ref.series, ref.aggregation
+    )
+    first_row = {s: i for i, s in reversed(list(enumerate(ref.series)))}
+    series_groups = np.array([ref.groups[first_row[s]] for s in series_ids])
+
+    def series_probs(rung: RungPredictions) -> list[np.ndarray]:
+        return [
+            aggregate_by_series(rung.labels, p, rung.series, rung.aggregation)[2]
+            for p in rung.probs
+        ]
+
+    scopes: dict[
+        str, tuple[np.ndarray, np.ndarray, Callable[[RungPredictions], list[np.ndarray]]]
+    ] = {
+        "series_": (series_labels, series_groups, series_probs),
+    }
+    if label_level == "slice":
+        # Scan-level labels copied to slices would score the copy: series metrics only.
+        scopes[""] = (ref.labels, ref.groups, lambda r: r.probs)
+    table: list[dict[str, Any]] = []
+    comparisons: list[dict[str, Any]] = []
+    for index, rung in enumerate(rungs):
+        row: dict[str, Any] = {
+            "rung": rung.rung,
+            "model": rung.model,
+            "masked": rung.masked,
+            "seeds": len(rung.seeds),
+            "test_patients": int(np.unique(ref.groups).size),
+            "test_series": int(series_ids.size),
+            "test_slices": int(len(ref.keys)),
+        }
+        for prefix, (y, groups, probs_of) in scopes.items():
+            for key, fn in fns.items():
+                if prefix and key.startswith("auroc_") and key != "auroc_any":
+                    continue
+                cell = seed_patient_bootstrap(
+                    fn, y, probs_of(rung), groups, n_boot=n_boot, seed=seed
+                )
+                row[f"{prefix}{key}_mean"] = cell.mean
+                row[f"{prefix}{key}_ci_low"] = cell.ci_low
+                row[f"{prefix}{key}_ci_high"] = cell.ci_high
+        row["val_loss"] = rung.validation.get("val_loss", math.nan)
+        row["val_auroc_any"] = rung.validation.get("val_auroc", math.nan)
         table.append(row)
-    return table
+        if index == 0:
+            continue
+        previous = rungs[index - 1]
+        comparison: dict[str, Any] = {"rung": rung.rung, "versus": previous.rung}
+        for name in COMPARED:
+            prefix = "series_" if name.startswith("series_") else ""
+            if prefix not in scopes:
+                continue
+            y, groups, probs_of = scopes[prefix]
+            result = paired_seed_patient_bootstrap(
+                fns[name.removeprefix("series_")],
+                y,
+                probs_of(previous),
+                probs_of(rung),
+                groups,
+                n_boot=n_boot,
+                seed=seed,
+            )
+            comparison[f"delta_{name}"] = result.delta
+            comparison[f"delta_{name}_ci_low"] = result.ci_low
+            comparison[f"delta_{name}_ci_high"] = result.ci_high
+            comparison[f"delta_{name}_p"] = result.p_value
+            row[f"delta_{name}"] = result.delta
+            row[f"delta_{name}_ci_low"] = result.ci_low
+            row[f"delta_{name}_ci_high"] = result.ci_high
+            row[f"delta_{name}_p"] = result.p_value
+        known = ~np.isnan(series_labels[:, 0])
+        delong = delong_test(
+            series_labels[known, 0],
+            np.mean(series_probs(previous), axis=0)[known, 0],
+            np.mean(series_probs(rung), axis=0)[known, 0],
+        )
+        comparison["delong_series_auroc_any"] = delong.to_dict()
+        row["delong_series_auroc_any_p"] = delong.p_value
+        comparisons.append(comparison)
+    return to_jsonable(
+        {
+            "table": table,
+            "comparisons": comparisons,
+            "macro_classes": [SUBTYPES[k] for k in macro_columns],
+            "n_boot": n_boot,
+            "label_level": label_level,
+            "runs": [{"rung": r["rung"], "seed": r["seed"], "dir": str(r["dir"])} for r in runs],
+        }
+    )
 
 
-def _write_csv(table: list[dict[str, Any]], path: Path) -> Path:
-    rows = [{k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()} for row in table]
-    return write_csv(path, rows, list(table[0]))
+# ---------------------------------------------------------------------------------------------
+# Writers
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    mean = row.get(f"{key}_mean")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _delta(row: dict[str, Any], key: str) -> str:
+    delta = row.get(f"delta_{key}")
+    if delta is None:
+        return ""
+    low, high, p = (row.get(f"delta_{key}_{s}") for s in ("ci_low", "ci_high", "p"))
+    if low is None or high is None:
+        return f"{delta:+.3f}"
+    return f"{delta:+.3f} [{low:+.3f}, {high:+.3f}] p={p:.3f}"
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    """Markdown table: each metric as ``mean [low, high]``."""
-    header = ["rung", "model", "masked", "seeds"] + [c for _, c in TABLE_METRICS]
+    """Markdown table of the headline metrics as ``mean [low, high]``."""
+    header = ["rung", "model", "masked", "seeds", *HEADLINE]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table:
         cells = [row["rung"], row["model"], "yes" if row["masked"] else "no", str(row["seeds"])]
-        for _, column in TABLE_METRICS:
-            mean, low, high = (
-                row[f"{column}_mean"],
-                row[f"{column}_ci_low"],
-                row[f"{column}_ci_high"],
-            )
-            cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
+        cells += [_cell(row, key) for key in HEADLINE]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _write_markdown(table, per_run, path: Path) -> Path:
-    text = [
+def format_comparisons(table: list[dict[str, Any]]) -> str:
+    """Markdown table of each rung minus the previous rung, on the same test patients."""
+    header = ["rung", *[f"Δ {key}" for key in COMPARED], "DeLong p (series any)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table[1:]:
+        p = row.get("delong_series_auroc_any_p")
+        cells = [
+            row["rung"],
+            *[_delta(row, key) for key in COMPARED],
+            "" if p is None else f"{p:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_csv(table: list[dict[str, Any]], path: Path) -> Path:
+    columns = list(dict.fromkeys(key for row in table for key in row))
+    rows = [
+        {
+            k: (f"{v:.4f}" if isinstance(v, float) else ("" if v is None else v))
+            for k, v in row.items()
+        }
+        for row in table
+    ]
+    return write_csv(path, rows, columns)
+
+
+def _write_markdown(report: dict[str, Any], path: Path) -> Path:
+    table = report["table"]
+    per_class = ["rung", *[f"auroc_{n}" for n in SUBTYPES[1:]]]
+    lines = [
         "# Ablation ladder",
         "",
-        "Mean over seeds with a Student-t 95 % confidence interval. AUROC: higher is better; "
-        "weighted log loss (RSNA weighting, `any` x2): lower is better. Series AUROC takes the "
-        "maximum slice probability per series.",
+        f"Test split: {table[0]['test_patients']} patients, {table[0]['test_series']} series, "
+        f"{table[0]['test_slices']} slices, the same for every rung and seed, each scored once.",
+        "",
+        "Each cell is the mean over training seeds of the metric on the test patients, with a "
+        f"95 % interval from {report['n_boot']} bootstrap resamples that draw both the test "
+        "patients (whole patients, with replacement) and the seeds; it covers test-patient "
+        "sampling and seed-to-seed variation, not the choice of training patients or other "
+        "sites and scanners. AUROC: higher is better; weighted log loss (RSNA weights, `any` "
+        "x2, probabilities clipped at 1e-15): lower is better. Series values aggregate slice "
+        "probabilities by the runs' rule and take a series as positive when any slice is. "
+        f"Macro AUROC is over the fixed class set {', '.join(report['macro_classes'])}.",
         "",
         format_table(table),
         "",
-        "## Runs",
+        "## Each rung against the previous one (same test patients)",
         "",
-        "| rung | seed | auroc_any | macro_auroc | weighted_log_loss |",
-        "|---|---|---|---|---|",
+        "Δ = this rung minus the previous rung: the mean over seeds, a 95 % interval and a "
+        "two-sided p-value from a paired bootstrap (one patient resample shared by both rungs, "
+        "seeds drawn independently per rung). DeLong's test compares the series AUROC(any) of the "
+        "seed-averaged probabilities, one case per series (it does not see seed variation).",
+        "",
+        format_comparisons(table),
+        "",
+        "## AUROC per class (slices)",
+        "",
+        "| " + " | ".join(per_class) + " |",
+        "|" + "---|" * len(per_class),
     ]
-    for r in per_run:
-        m = r["metrics"]
-        text.append(
-            f"| {r['rung']} | {r['seed']} | {m.get('auroc_any', float('nan')):.3f} | "
-            f"{m.get('macro_auroc', float('nan')):.3f} | "
-            f"{m.get('weighted_log_loss', float('nan')):.3f} |"
+    for row in table:
+        lines.append(
+            "| " + " | ".join([row["rung"], *[_cell(row, key) for key in per_class[1:]]]) + " |"
         )
-    return write_text(path, "\n".join(text) + "\n")
+    lines += [
+        "",
+        "## Validation (used for early stopping and thresholds: optimistic)",
+        "",
+        "| rung | best val loss | val AUROC(any) at that epoch |",
+        "|---|---|---|",
+    ]
+    for row in table:
+        loss, auc = row.get("val_loss"), row.get("val_auroc_any")
+        lines.append(
+            f"| {row['rung']} | {'n/a' if loss is None else f'{loss:.4f}'} | "
+            f"{'n/a' if auc is None else f'{auc:.3f}'} |"
+        )
+    return write_text(path, "\n".join(lines) + "\n")
 
 
-def _plot(table: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(TABLE_METRICS), figsize=(4 * len(TABLE_METRICS), 3.8))
+def _plot(report: dict[str, Any], path: Path) -> Path:
+    table = report["table"]
+    keys = ("auroc_any", "series_auroc_any", "weighted_log_loss")
+    fig = new_figure(figsize=(4.2 * (len(keys) + 1), 3.8))
+    axes = fig.subplots(1, len(keys) + 1)
     x = np.arange(len(table))
-    for ax, (_, column) in zip(axes, TABLE_METRICS, strict=True):
-        means = np.array([r[f"{column}_mean"] for r in table])
-        low = means - np.array([r[f"{column}_ci_low"] for r in table])
-        high = np.array([r[f"{column}_ci_high"] for r in table]) - means
-        ax.bar(x, means, yerr=np.nan_to_num(np.stack([low, high])), capsize=4, color="tab:blue")
-        ax.set_xticks(x, [r["rung"] for r in table], rotation=30, ha="right", fontsize=8)
-        ax.set_title(column)
+    labels = [r["rung"] for r in table]
+    for ax, key in zip(axes, keys, strict=False):
+        means = np.array(
+            [np.nan if r.get(f"{key}_mean") is None else r[f"{key}_mean"] for r in table]
+        )
+        low = np.array(
+            [np.nan if r.get(f"{key}_ci_low") is None else r[f"{key}_ci_low"] for r in table]
+        )
+        high = np.array(
+            [np.nan if r.get(f"{key}_ci_high") is None else r[f"{key}_ci_high"] for r in table]
+        )
+        err = np.nan_to_num(np.stack([means - low, high - means]))
+        ax.bar(x, np.nan_to_num(means), yerr=err, capsize=4, color="tab:blue")
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(key.replace("_", " "))
+    ax = axes[-1]
+    deltas = [r for r in table[1:]]
+    for offset, key, color in (
+        (-0.15, "auroc_any", "tab:blue"),
+        (0.15, "series_auroc_any", "tab:orange"),
+    ):
+        d = np.array(
+            [np.nan if r.get(f"delta_{key}") is None else r[f"delta_{key}"] for r in deltas]
+        )
+        lo = np.array(
+            [
+                np.nan if r.get(f"delta_{key}_ci_low") is None else r[f"delta_{key}_ci_low"]
+                for r in deltas
+            ]
+        )
+        hi = np.array(
+            [
+                np.nan if r.get(f"delta_{key}_ci_high") is None else r[f"delta_{key}_ci_high"]
+                for r in deltas
+            ]
+        )
+        xs = np.arange(len(deltas)) + offset
+        ax.errorbar(
+            xs,
+            d,
+            yerr=np.nan_to_num(np.stack([d - lo, hi - d])),
+            fmt="o",
+            capsize=4,
+            color=color,
+            label=key.replace("_", " "),
+        )
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(np.arange(len(deltas)), [f"{r['rung']}\nvs previous" for r in deltas], fontsize=7)
+    ax.set_title("Δ vs previous rung (paired, 95 % CI)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -1,4 +1,11 @@
-"""Evaluate a trained run on its held-out split: thresholds from validation, metrics on test."""
+"""Evaluate a trained run: thresholds from validation, then metrics on one split.
+
+The run's own ``splits.json`` decides which patients are in which split, the run's own
+preprocessing record and segmenter decide the input, and the best checkpoint is scored through
+the same forward path as ``predict``. Thresholds (slice and series) are always chosen on the
+validation split and written to ``thresholds.json``; the evaluated split's figures go to
+``eval/<split>/``, so a validation report never overwrites the test report.
+"""
 
 from __future__ import annotations
 
@@ -8,128 +15,179 @@ from typing import Any
 
 import numpy as np
 
-from ichseg.config import RunConfig, validate_config
-from ichseg.engine.data import SliceDataset, SliceSet, build_slices, split_by_group
+from ichseg.config import RunConfig
+from ichseg.engine.cache import SliceSet, build_slices
+from ichseg.engine.checkpoint import (
+    BEST,
+    EVAL_DIR,
+    SEGMENTER_FILE,
+    SPLITS_FILE,
+    THRESHOLDS_FILE,
+    Thresholds,
+    load_classifier,
+    save_thresholds,
+)
+from ichseg.engine.splits import load_splits
 from ichseg.errors import InputError
-from ichseg.fileio import atomic_path, write_json
+from ichseg.fileio import atomic_path
+from ichseg.volume import SUBTYPES
+
+EVAL_SPLITS = ("val", "test")
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
-    """The config and best checkpoint of a training run folder."""
-    from ichseg.engine.train import BEST, load_checkpoint
-
+def load_run(run_dir: str | Path) -> tuple[RunConfig, Any]:
+    """The config and best model of a training run folder."""
     run_dir = Path(run_dir)
-    checkpoint = run_dir / BEST
-    if not checkpoint.exists():
-        raise InputError(run_dir, f"not a training run: {BEST} missing")
-    state = load_checkpoint(checkpoint)
-    return validate_config(state["config"], str(checkpoint)), state
+    if not (run_dir / BEST).is_file():
+        raise InputError(run_dir, f"not a training run ({BEST} missing)")
+    config, model, _ = load_classifier(run_dir / BEST)
+    return config, model
 
 
-def _predict(model, slices: SliceSet, indices: np.ndarray, targets, config: RunConfig, device):
+def run_preprocessor(run_dir: Path, config: RunConfig, segmenter: str | Path | None = None):
+    """The run's preprocessor: its own segmenter copy unless another is given."""
+    from ichseg.preprocess.pipeline import Preprocessor
+
+    carried = run_dir / SEGMENTER_FILE
+    return Preprocessor.from_config(config, segmenter or (carried if carried.is_file() else None))
+
+
+def split_rows(run_dir: Path, slices: SliceSet) -> dict[str, np.ndarray]:
+    """Cache rows of each split, from the run's saved ``splits.json``."""
+    usable = slices.usable()
+    rows = load_splits(run_dir / SPLITS_FILE, slices.groups[usable])
+    return {name: usable[idx] for name, idx in rows.items()}
+
+
+def predict_rows(model, slices: SliceSet, rows: np.ndarray, config: RunConfig) -> np.ndarray:
+    """Probabilities of cache rows through the shared forward path."""
+    import torch
     from torch.utils.data import DataLoader
 
-    from ichseg.engine.train import predict_probabilities
+    from ichseg.engine.dataset import SliceDataset
+    from ichseg.engine.predict import predict_probabilities
 
-    loader = DataLoader(SliceDataset(slices, indices, targets), batch_size=64)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device, memory_format=torch.channels_last)
+    dummy = np.zeros(len(slices), dtype=np.float32)
+    loader = DataLoader(SliceDataset(slices, rows, dummy), batch_size=64)
     return predict_probabilities(model, loader, device, config.train.amp, config.task.mode)
+
+
+def choose_run_thresholds(
+    config: RunConfig, slices: SliceSet, rows: np.ndarray, prob: np.ndarray
+) -> Thresholds:
+    """Slice and series thresholds chosen on validation rows (NaN where no rule applies)."""
+    from ichseg.metrics import aggregate_by_series, choose_thresholds
+
+    names = config.task.class_names
+    truth = slices.labels[rows]
+    rule, aggregation = config.eval.threshold_rule, config.eval.aggregation
+    slice_thr = (
+        choose_thresholds(truth, prob, rule)
+        if slices.label_level == "slice"
+        else np.full(len(names), np.nan)
+    )
+    _, series_truth, series_prob = aggregate_by_series(
+        truth, prob, slices.series[rows], aggregation
+    )
+    series_thr = choose_thresholds(series_truth, series_prob, rule)
+
+    def as_dict(values: np.ndarray) -> dict[str, float | None]:
+        return {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, values, strict=True)}
+
+    return Thresholds(as_dict(slice_thr), as_dict(series_thr), aggregation, rule)
 
 
 def evaluate_run(
     run_dir: str | Path,
     *,
-    slices: SliceSet | None = None,
-    splits: dict[str, np.ndarray] | None = None,
-    config: RunConfig | None = None,
     split: str = "test",
-    masker=None,
+    slices: SliceSet | None = None,
+    preprocessor=None,
+    segmenter: str | Path | None = None,
+    cache_root: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Metrics of the run's best checkpoint on ``split``, written to ``run_dir/eval``.
+    """Metrics of the run's best checkpoint on ``split``, written to ``run_dir/eval/<split>``.
 
-    Thresholds are chosen on the validation split and stored in ``thresholds.json`` beside the
-    checkpoint, so inference uses the same operating point.
+    Args:
+        run_dir: a training run folder.
+        split: ``"val"`` or ``"test"``.
+        slices: the run's cached slices (built from its config when None).
+        preprocessor: the run's preprocessor (rebuilt from the run when None).
+        segmenter: another U-Net checkpoint than the run's own (changes the input; recorded).
+        cache_root: where the slice cache lives.
+        progress: progress output while caching.
     """
-    import torch
-
-    from ichseg.engine.metrics import choose_thresholds, evaluate_multiclass, evaluate_multilabel
     from ichseg.engine.report import write_report
-    from ichseg.engine.train import build_model
+    from ichseg.metrics import evaluate_multiclass, evaluate_multilabel
 
+    if split not in EVAL_SPLITS:
+        raise InputError(None, f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
     run_dir = Path(run_dir)
-    saved_config, state = load_run(run_dir)
-    config = config or saved_config
-    if slices is None:
-        slices = build_slices(config, masker, progress=progress)
-    if splits is None:
-        s = config.data.split
-        splits = split_by_group(
-            slices.groups,
-            slices.labels[:, 0] > 0.5,
-            s.val_fraction,
-            s.test_fraction,
-            s.seed,
-            s.folds,
-            s.fold,
-        )
-    if len(splits[split]) == 0:
+    config, model = load_run(run_dir)
+    preprocessor = preprocessor or run_preprocessor(run_dir, config, segmenter)
+    slices = (
+        slices if slices is not None else build_slices(config, preprocessor, cache_root, progress)
+    )
+    rows = split_rows(run_dir, slices)
+    if len(rows[split]) == 0:
         raise InputError(run_dir, f"the {split} split is empty")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(config)
-    model.load_state_dict(state["state_dict"])
-    model.to(device)
-    targets = slices.targets(config.task)
-    val_prob = _predict(model, slices, splits["val"], targets, config, device)
-    prob = _predict(model, slices, splits[split], targets, config, device)
-    idx = splits[split]
-    groups = slices.groups[idx]
-    series = slices.series[idx]
     names = config.task.class_names
+    val_prob = predict_rows(model, slices, rows["val"], config)
+    prob = val_prob if split == "val" else predict_rows(model, slices, rows[split], config)
+    idx = rows[split]
+    groups, series = slices.groups[idx], slices.series[idx]
     n_boot, seed = config.eval.n_boot, config.seed
     if config.task.mode == "multilabel":
-        thresholds = choose_thresholds(targets[splits["val"]], val_prob, config.eval.threshold_rule)
+        thresholds = choose_run_thresholds(config, slices, rows["val"], val_prob)
+        save_thresholds(thresholds, run_dir / THRESHOLDS_FILE)
         metrics = evaluate_multilabel(
-            targets[idx],
+            slices.labels[idx],
             prob,
+            class_names=names,
             groups=groups,
             series_ids=series,
-            thresholds=thresholds,
+            thresholds=[_nan(thresholds.slice[n]) for n in names],
+            series_thresholds=[_nan(thresholds.series[n]) for n in names],
+            aggregation=config.eval.aggregation,
+            label_level=slices.label_level,
             n_boot=n_boot,
             seed=seed,
         )
+        truth = slices.labels[idx]
     else:
-        thresholds = np.full(len(names), np.nan)
+        targets = slices.targets(config.task)
         metrics = evaluate_multiclass(
             targets[idx], prob, names, groups=groups, n_boot=n_boot, seed=seed
         )
+        truth = targets[idx]
     metrics["split"] = split
-    metrics["num_slices"] = int(len(idx))
-    metrics["num_patients"] = int(len(np.unique(groups)))
-    out = run_dir / "eval"
-    out.mkdir(exist_ok=True)
-    write_report(metrics, out, targets[idx], prob, names, config.task.mode)
-    _write_predictions(out / f"predictions_{split}.csv", slices, idx, prob, names)
-    write_json(
-        run_dir / "thresholds.json", dict(zip(names, [float(t) for t in thresholds], strict=True))
+    metrics["scored_on"] = (
+        "test split (held out; scored once)"
+        if split == "test"
+        else ("validation split (used to choose thresholds and for early stopping: optimistic)")
     )
+    out = run_dir / EVAL_DIR / split
+    write_report(metrics, out, truth, prob, names, config.task.mode, series_ids=series)
+    _write_predictions(out / "predictions.csv", slices, idx, prob, names)
     return metrics
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _write_predictions(path: Path, slices: SliceSet, idx: np.ndarray, prob, names) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
-            [
-                "patient_id",
-                "series_uid",
-                "sop_uid",
-                "slice_index",
-                *names,
-                *[f"true_{n}" for n in names],
-            ]
+            ["patient_id", "series_uid", "sop_uid", "slice_index", *names]
+            + [f"true_{n}" for n in SUBTYPES]
         )
         for row, i in enumerate(idx):
-            label = slices.labels[i] if len(names) == slices.labels.shape[1] else []
+            labels = ["" if np.isnan(v) else int(v) for v in slices.labels[i]]
             writer.writerow(
                 [
                     slices.groups[i],
@@ -137,6 +195,6 @@ def _write_predictions(path: Path, slices: SliceSet, idx: np.ndarray, prob, name
                     slices.sop_uids[i],
                     int(slices.slice_index[i]),
                     *[f"{p:.6f}" for p in prob[row]],
-                    *[int(v) for v in label],
+                    *labels,
                 ]
             )

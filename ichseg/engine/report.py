@@ -1,13 +1,12 @@
 """Evaluation reports on disk: metrics.json, report.md, ROC curves and confusion matrices.
 
-Figures use matplotlib's object API with the Agg canvas, so no global backend is switched and no
-display is needed. Every file is written to a temporary sibling and moved into place with
-``os.replace``, so a crash never leaves a half-written report next to a valid one.
+Figures come from :func:`ichseg.fileio.new_figure` (no pyplot state, no display). Every file is
+written to a temporary sibling and moved into place, so a crash never leaves a half-written
+report next to a valid one.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -16,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ichseg.engine.metrics import roc_curve, to_jsonable
-from ichseg.fileio import atomic_path
+from ichseg.fileio import atomic_path, new_figure, save_figure
+from ichseg.metrics import aggregate_by_series, roc_curve, to_jsonable
+from ichseg.metrics._base import has_both_labels
 
 TASKS: tuple[str, ...] = ("multilabel", "multiclass")
 
@@ -48,49 +48,92 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _class_table(per_class: dict[str, Any]) -> list[str]:
+    header = ["class", "n+", "n known", "AUROC", "AP", "sens", "spec", "F1", "threshold"]
+    rows = [
+        [
+            name,
+            _fmt(m.get("n_positive")),
+            _fmt(m.get("n_known")),
+            _fmt(m.get("auroc")),
+            _fmt(m.get("ap")),
+            _fmt(m.get("sensitivity")),
+            _fmt(m.get("specificity")),
+            _fmt(m.get("f1")),
+            _fmt(m.get("threshold")),
+        ]
+        for name, m in per_class.items()
+    ]
+    return _table(header, rows)
+
+
 def _markdown(metrics: dict[str, Any], task: str) -> str:
     ci = metrics.get("ci", {})
     boot = metrics.get("bootstrap", {})
     level = int(round(100 * (1 - boot.get("alpha", 0.05))))
-    lines = [f"# Evaluation report ({task})", ""]
-    lines += [f"Samples: {metrics.get('n', 'n/a')}", ""]
+    split = metrics.get("split", "n/a")
+    lines = [f"# Evaluation report: {split} split ({task})", ""]
+    if metrics.get("scored_on"):
+        lines += [f"Scored on: {metrics['scored_on']}.", ""]
+    lines += [
+        f"Slices: {metrics.get('n_slices', 'n/a')}; series: {metrics.get('n_series', 'n/a')}; "
+        f"patients: {metrics.get('n_patients', 'n/a')}.",
+        "",
+    ]
     if boot:
-        lines.append(
-            f"Intervals: {level} % percentile bootstrap, {boot.get('n_boot')} resamples of "
-            f"{boot.get('n_units')} {boot.get('unit')} units (seed {boot.get('seed')})."
-        )
-    lines.append("")
-    per_class = metrics.get("per_class", {})
+        dropped = {k: v for k, v in boot.get("dropped", {}).items() if v}
+        note = f" Resamples without a value (dropped): {dropped}." if dropped else ""
+        lines += [
+            f"Intervals: {level} % percentile bootstrap over {boot.get('n_units')} patients "
+            f"({boot.get('n_boot')} resamples, seed {boot.get('seed')}); they cover test-patient "
+            f"sampling for this one trained model, not training-seed variation.{note}",
+            "",
+        ]
     if task == "multilabel":
-        lines.append(f"Thresholds: {metrics.get('threshold_source', 'n/a')}.")
-        lines.append("")
-        header = ["class", "n+", "AUROC", "AP", "sens", "spec", "F1", "threshold"]
-        rows = [
-            [
-                name,
-                _fmt(m.get("n_positive")),
-                _fmt(m.get("auroc")),
-                _fmt(m.get("ap")),
-                _fmt(m.get("sensitivity")),
-                _fmt(m.get("specificity")),
-                _fmt(m.get("f1")),
-                _fmt(m.get("threshold")),
+        lines += [
+            "Macro averages are over a fixed class set: "
+            f"{', '.join(metrics.get('macro_classes') or []) or 'none'} "
+            "(the classes with both labels on this split).",
+            f"Thresholds: chosen on the {metrics.get('threshold_source', 'n/a')} split; series "
+            f"probability = {metrics.get('aggregation', 'max')} over slices, with its own "
+            "thresholds chosen on validation series.",
+            "",
+        ]
+        summary = []
+        if metrics.get("label_level") == "slice":
+            lines += ["## Slices", ""] + _class_table(metrics.get("per_class") or {}) + [""]
+            summary += [
+                ["AUROC (any)", _fmt_ci(metrics.get("auroc_any"), ci.get("auroc_any"))],
+                ["macro AUROC", _fmt_ci(metrics.get("macro_auroc"), ci.get("macro_auroc"))],
+                [
+                    "weighted log loss",
+                    _fmt_ci(metrics.get("weighted_log_loss"), ci.get("weighted_log_loss")),
+                ],
+                ["accuracy (any)", _fmt(metrics.get("accuracy"))],
             ]
-            for name, m in per_class.items()
-        ]
-        lines += _table(header, rows) + ["", "## Summary", ""]
-        summary = [
-            ["AUROC (any)", _fmt_ci(metrics.get("auroc_any"), ci.get("auroc_any"))],
-            ["macro AUROC", _fmt_ci(metrics.get("macro_auroc"), ci.get("macro_auroc"))],
+        else:
+            lines += [
+                "Labels are per scan (copied to every slice), so slice metrics are not reported.",
+                "",
+            ]
+        lines += ["## Series", ""] + _class_table(metrics.get("series_per_class") or {}) + [""]
+        summary += [
             [
-                "weighted log loss",
-                _fmt_ci(metrics.get("weighted_log_loss"), ci.get("weighted_log_loss")),
+                "series AUROC (any)",
+                _fmt_ci(metrics.get("series_auroc_any"), ci.get("series_auroc_any")),
             ],
-            ["macro AP", _fmt(metrics.get("macro_ap"))],
-            ["accuracy (any)", _fmt(metrics.get("accuracy"))],
-            ["series AUROC (any)", _fmt(metrics.get("series_auroc_any"))],
-            ["series macro AUROC", _fmt(metrics.get("series_macro_auroc"))],
+            [
+                "series macro AUROC",
+                _fmt_ci(metrics.get("series_macro_auroc"), ci.get("series_macro_auroc")),
+            ],
+            [
+                "series weighted log loss",
+                _fmt_ci(
+                    metrics.get("series_weighted_log_loss"), ci.get("series_weighted_log_loss")
+                ),
+            ],
         ]
+        lines += ["## Summary", ""]
     else:
         header = ["class", "support", "AUROC", "precision", "recall", "F1"]
         rows = [
@@ -102,7 +145,7 @@ def _markdown(metrics: dict[str, Any], task: str) -> str:
                 _fmt(m.get("recall")),
                 _fmt(m.get("f1")),
             ]
-            for name, m in per_class.items()
+            for name, m in metrics.get("per_class", {}).items()
         ]
         lines += _table(header, rows) + ["", "## Summary", ""]
         summary = [
@@ -115,24 +158,13 @@ def _markdown(metrics: dict[str, Any], task: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _atomic_write(path, buffer.getvalue())
-
-
 def _roc_figure(
     y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str], aucs: Sequence[Any]
 ) -> Any:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 6))
+    fig = new_figure(figsize=(6, 6))
     ax = fig.add_subplot()
     for k, name in enumerate(class_names):
-        if y_true[:, k].min() == y_true[:, k].max():
+        if not has_both_labels(y_true[:, k]):
             continue  # no ROC curve without both label values
         fpr, tpr, _ = roc_curve(y_true[:, k], y_prob[:, k])
         ax.plot(fpr, tpr, label=f"{name} (AUROC {_fmt(aucs[k])})")
@@ -158,18 +190,16 @@ def _draw_matrix(ax: Any, matrix: np.ndarray, labels: Sequence[str], title: str)
 
 
 def _confusion_figure(metrics: dict[str, Any], class_names: Sequence[str], task: str) -> Any:
-    from matplotlib.figure import Figure
-
     if task == "multiclass":
         k = len(class_names)
-        fig = Figure(figsize=(1.0 + 0.8 * k, 1.0 + 0.8 * k))
+        fig = new_figure(figsize=(1.0 + 0.8 * k, 1.0 + 0.8 * k))
         matrix = np.asarray(metrics.get("confusion", np.zeros((k, k))), dtype=np.int64)
         _draw_matrix(fig.add_subplot(), matrix, class_names, "confusion matrix")
         return fig
     cols = min(3, len(class_names))
     rows = math.ceil(len(class_names) / cols)
-    fig = Figure(figsize=(3.2 * cols, 3.0 * rows), layout="constrained")
-    per_class = metrics.get("per_class", {})
+    fig = new_figure(figsize=(3.2 * cols, 3.0 * rows), layout="constrained")
+    per_class = metrics.get("per_class") or metrics.get("series_per_class") or {}
     for k, name in enumerate(class_names):
         m = per_class.get(name, {})
         matrix = np.asarray(m.get("confusion", np.zeros((2, 2))), dtype=np.int64)
@@ -185,16 +215,19 @@ def write_report(
     y_prob: Any,
     class_names: Sequence[str],
     task: str,
+    series_ids: Any = None,
 ) -> list[Path]:
     """Write metrics.json, report.md, roc_curves.png and confusion_matrices.png.
 
     Args:
         metrics: output of ``evaluate_multilabel`` or ``evaluate_multiclass``.
         out_dir: folder, created when missing.
-        y_true: ``(N, K)`` 0/1 labels (multilabel) or ``(N,)`` class indices (multiclass).
+        y_true: ``(N, K)`` labels (multilabel; NaN unknown) or ``(N,)`` class indices.
         y_prob: ``(N, K)`` probabilities.
         class_names: ``K`` names.
         task: ``"multilabel"`` or ``"multiclass"``.
+        series_ids: ``(N,)`` series of each row; with scan-level labels the ROC curves are
+            drawn for series (aggregated as the metrics say).
 
     Returns:
         The written paths, in the order above.
@@ -209,7 +242,12 @@ def write_report(
     else:
         truth = np.asarray(y_true, dtype=np.float64).reshape(prob.shape)
     names = list(class_names)
-    per_class = metrics.get("per_class", {})
+    per_class = metrics.get("per_class") or {}
+    if task == "multilabel" and metrics.get("label_level") == "series" and series_ids is not None:
+        _, truth, prob = aggregate_by_series(
+            truth, prob, series_ids, metrics.get("aggregation", "max")
+        )
+        per_class = metrics.get("series_per_class") or {}
     aucs = [per_class.get(name, {}).get("auroc") for name in names]
 
     paths = [out / n for n in ("metrics.json", "report.md", "roc_curves.png")]
@@ -217,6 +255,6 @@ def write_report(
     text = json.dumps(to_jsonable(metrics), indent=2, allow_nan=False)
     _atomic_write(paths[0], (text + "\n").encode())
     _atomic_write(paths[1], _markdown(metrics, task).encode())
-    _save_figure(_roc_figure(truth, prob, names, aucs), paths[2])
-    _save_figure(_confusion_figure(metrics, names, task), paths[3])
+    save_figure(_roc_figure(truth, prob, names, aucs), paths[2], dpi=120, bbox_inches="tight")
+    save_figure(_confusion_figure(metrics, names, task), paths[3], dpi=120, bbox_inches="tight")
     return paths

@@ -1,7 +1,12 @@
-"""Classifier models: a name registry over timm/torchvision backbones with one head."""
+"""Classifier models: a name registry over timm/torchvision backbones with one head.
 
-from ichseg.models.classifiers import (
-    ClassifierModel,
+Importing this package registers the built-in backbones (:mod:`ichseg.models.classifiers`).
+"""
+
+from ichseg.models import classifiers as _builtin_models  # noqa: F401  (registers the names)
+from ichseg.models.classifiers import ClassifierModel
+from ichseg.models.factory import HEADS, create_model
+from ichseg.models.pretrained import (
     LoadReport,
     adapt_first_conv_weight,
     load_backbone_state,
@@ -9,9 +14,7 @@ from ichseg.models.classifiers import (
     read_state_dict,
 )
 from ichseg.models.registry import (
-    HEADS,
     BackboneSpec,
-    create_model,
     get_model_builder,
     list_models,
     register_model,

@@ -96,27 +96,18 @@ def stack_windows(
     return out
 
 
-def neighbour_indices(num_slices: int, index: int, context: int) -> list[int]:
-    """Slice indices ``index-context .. index+context``, repeating the edge slices."""
+def neighbour_index(num_slices: int, context: int) -> np.ndarray:
+    """``(num_slices, 2k+1)`` indices of each slice's neighbours ``z-k .. z+k``, edges repeated.
+
+    The one 2.5D gather of ichseg: channel stacks of a volume are indexed with it, so each
+    slice is windowed and resized once however many neighbours use it.
+    """
     if context < 0:
         raise ValueError("context must be >= 0")
-    return [min(max(index + offset, 0), num_slices - 1) for offset in range(-context, context + 1)]
-
-
-def slice_channels(
-    volume_hu: np.ndarray,
-    index: int,
-    windows: Sequence[str | Window | tuple[float, float]] = DEFAULT_WINDOWS,
-    context: int = 0,
-) -> np.ndarray:
-    """Channels for one slice of a ``(Z, H, W)`` volume, optionally 2.5D.
-
-    With ``context = k`` the windows of slices ``z-k .. z+k`` are concatenated (edges repeated):
-    ``C = len(windows) * (2k + 1)``, ordered slice-major (all windows of z-k first).
-    """
-    picks = neighbour_indices(volume_hu.shape[0], index, context)
-    stacked = stack_windows(volume_hu[picks], windows)  # (2k+1, C, H, W)
-    return stacked.reshape(-1, *stacked.shape[-2:])
+    if num_slices < 1:
+        raise ValueError("num_slices must be >= 1")
+    offsets = np.arange(-context, context + 1)
+    return np.clip(np.arange(num_slices)[:, None] + offsets[None, :], 0, num_slices - 1)
 
 
 def brain_fraction(hu: np.ndarray, hu_range: tuple[float, float] = BRAIN_HU_RANGE) -> np.ndarray:
@@ -178,22 +169,3 @@ def resize_slices(images: np.ndarray, size: tuple[int, int], order: int = 1) -> 
     resized = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
     out = resized.reshape(*images.shape[:-2], *size).numpy()
     return out.astype(images.dtype, copy=False)
-
-
-def center_crop_or_pad(images: np.ndarray, size: tuple[int, int], fill: float) -> np.ndarray:
-    """Crop or pad the last two axes around the center to ``size``."""
-    images = np.asarray(images)
-    height, width = images.shape[-2:]
-    out = np.full(images.shape[:-2] + tuple(size), fill, dtype=images.dtype)
-    src_y, dst_y, len_y = _overlap(height, size[0])
-    src_x, dst_x, len_x = _overlap(width, size[1])
-    out[..., dst_y : dst_y + len_y, dst_x : dst_x + len_x] = images[
-        ..., src_y : src_y + len_y, src_x : src_x + len_x
-    ]
-    return out
-
-
-def _overlap(source: int, target: int) -> tuple[int, int, int]:
-    if source >= target:
-        return (source - target) // 2, 0, target
-    return 0, (target - source) // 2, source

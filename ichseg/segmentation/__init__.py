@@ -4,7 +4,7 @@ The mask is the intracranial space (inside the skull's inner table), so epidural
 blood against the bone is kept. Heavy libraries (torch, MONAI, matplotlib) load on first use.
 """
 
-from ichseg.segmentation.api import SegmentResult, mask_metrics, segment_folder, write_preview
+from ichseg.segmentation.api import SegmentResult, segment_folder, write_preview
 from ichseg.segmentation.classical import classical_intracranial_mask
 from ichseg.segmentation.masking import (
     MaskingConfig,
@@ -13,20 +13,14 @@ from ichseg.segmentation.masking import (
     dilate_mask,
     make_masker,
     mask_bbox,
-    mask_images,
 )
-from ichseg.segmentation.unet import (
-    Segmenter,
-    SegmenterConfig,
-    build_unet,
-    load_segmenter,
-    pseudo_labels,
-    train_segmenter,
-)
+from ichseg.segmentation.training import SegmentationCase, train_segmenter
+from ichseg.segmentation.unet import Segmenter, SegmenterConfig, build_unet, load_segmenter
 
 __all__ = [
     "MaskingConfig",
     "SegmentResult",
+    "SegmentationCase",
     "Segmenter",
     "SegmenterConfig",
     "apply_mask",
@@ -37,9 +31,6 @@ __all__ = [
     "load_segmenter",
     "make_masker",
     "mask_bbox",
-    "mask_images",
-    "mask_metrics",
-    "pseudo_labels",
     "segment_folder",
     "train_segmenter",
     "write_preview",

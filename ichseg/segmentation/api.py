@@ -21,8 +21,6 @@ import csv
 import io
 import json
 import logging
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +31,7 @@ from ichseg.errors import InputError
 from ichseg.fileio import atomic_path
 from ichseg.io.loader import index_input, output_name
 from ichseg.io.nifti import write_nifti_atomic
+from ichseg.metrics.overlap import mask_metrics
 from ichseg.volume import CTVolume
 
 logger = logging.getLogger(__name__)
@@ -58,46 +57,6 @@ PREVIEW_COLUMNS = 4
 PREVIEW_HU_RANGE = (0.0, 80.0)
 # Affines that differ by more than this (mm) are reported when comparing with a reference.
 AFFINE_TOLERANCE_MM = 1e-3
-
-
-def mask_metrics(
-    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
-) -> dict[str, float | None]:
-    """Dice and 95th-percentile Hausdorff distance (mm) between two masks.
-
-    Uses MONAI's ``DiceMetric`` and ``compute_hausdorff_distance(percentile=95, spacing=...)``.
-    Two empty masks agree perfectly (dice 1, hd95 0); when only one is empty dice is 0 and the
-    distance is undefined (None).
-
-    Args:
-        pred: predicted mask, non-zero inside.
-        ref: reference mask of the same shape.
-        spacing: voxel size per axis in mm, in the arrays' axis order.
-    """
-    import torch
-    from monai.metrics import DiceMetric, compute_hausdorff_distance
-
-    pred = np.asarray(pred) > 0
-    ref = np.asarray(ref) > 0
-    if pred.shape != ref.shape:
-        raise ValueError(f"prediction {pred.shape} and reference {ref.shape} differ in shape")
-    if len(spacing) != pred.ndim:
-        raise ValueError(f"spacing {tuple(spacing)} needs one entry per axis of {pred.shape}")
-    pred_any, ref_any = bool(pred.any()), bool(ref.any())
-    if not pred_any and not ref_any:
-        return {"dice": 1.0, "hd95_mm": 0.0}
-    if not pred_any or not ref_any:
-        return {"dice": 0.0, "hd95_mm": None}
-    y_pred = torch.from_numpy(pred)[None, None].float()
-    y = torch.from_numpy(ref)[None, None].float()
-    dice = DiceMetric(include_background=True, reduction="mean")(y_pred=y_pred, y=y)
-    with warnings.catch_warnings():
-        # MONAI 1.5+ warns about its own internal use of a deprecated argument.
-        warnings.simplefilter("ignore", FutureWarning)
-        hd95 = compute_hausdorff_distance(
-            y_pred, y, include_background=True, percentile=95, spacing=[float(s) for s in spacing]
-        )
-    return {"dice": float(dice.item()), "hd95_mm": float(hd95.item())}
 
 
 @dataclass

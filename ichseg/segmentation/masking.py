@@ -1,10 +1,11 @@
-"""The masking step before classification: blank everything outside the intracranial space.
+"""Pure mask operations used by the masking step (:mod:`ichseg.preprocess.pipeline`).
 
 Masking happens on HU (background set to air) or on windowed channels (background set to the
-window minimum, 0.0). An optional in-plane dilation in mm keeps a rim around the mask so blood
-against the inner table is never cut by a slightly tight mask, and an optional crop to the
-mask's bounding box (one box for the whole volume, so all slices keep one size) removes the
-scalp and the field of view around the head.
+window minimum, 0.0). An in-plane dilation in mm keeps a rim around the mask so blood against
+the inner table is never cut by a slightly tight mask, and a crop to the (dilated) mask's
+bounding box (one box for the whole volume, so all slices keep one size) removes the scalp and
+the field of view around the head. The policy that combines them is decided in one place, the
+run's :class:`~ichseg.preprocess.pipeline.Preprocessor`.
 """
 
 from __future__ import annotations
@@ -143,28 +144,6 @@ def crop_to_mask(
         raise ValueError(f"mask {np.shape(mask)} and images {images.shape} differ in (H, W)")
     y0, y1, x0, x1 = mask_bbox(mask, margin_mm, spacing)
     return images[..., y0:y1, x0:x1].copy(), (y0, y1, x0, x1)
-
-
-def mask_images(
-    images: np.ndarray,
-    mask: np.ndarray,
-    config: MaskingConfig,
-    spacing: Sequence[float] = (1.0, 1.0),
-) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
-    """Apply ``config`` (background fill, dilation, optional crop) to images.
-
-    Returns:
-        The masked (and possibly cropped) images, and the crop box or None without cropping.
-        With ``config.enabled`` false the images come back unchanged.
-    """
-    if not config.enabled:
-        return np.asarray(images), None
-    out = apply_mask(images, mask, config.background, config.dilation_mm, spacing)
-    if not config.crop:
-        return out, None
-    # The dilated rim is part of what must survive the crop.
-    grown = dilate_mask(mask, config.dilation_mm, spacing)
-    return crop_to_mask(out, grown, config.margin_mm, spacing)
 
 
 def make_masker(config: MaskingConfig) -> Callable[[CTVolume], np.ndarray]:

@@ -65,15 +65,30 @@ def load_segmenter_run(path: str | Path | None, overrides: list[str] | None = No
     return run
 
 
-def training_pairs(data: SegmenterDataConfig) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(hu, mask)`` pairs for :func:`ichseg.segmentation.unet.train_segmenter`."""
+def training_cases(data: SegmenterDataConfig, target: str = "intracranial") -> list:
+    """Training cases (HU, target, patient) for the U-Net trainer.
+
+    Args:
+        data: where the volumes and their reference masks come from.
+        target: ``intracranial`` (masks) or ``hemorrhage`` (label maps with the codes of
+            :data:`ichseg.volume.HEMORRHAGE_CODES`; not available from pseudo-labels).
+    """
+    from ichseg.segmentation.training import SegmentationCase
+
     if data.source == "phantom":
         from ichseg.phantom import PhantomConfig, generate_study
 
         spec = data.phantom
         config = PhantomConfig(size=spec.size, num_slices=spec.slices)
         studies = (generate_study(spec.seed + i, config) for i in range(spec.studies))
-        return [(s.hu, s.intracranial_mask) for s in studies]
+        return [
+            SegmentationCase(
+                s.hu,
+                s.intracranial_mask if target == "intracranial" else s.hemorrhage,
+                s.patient_id,
+            )
+            for s in studies
+        ]
     if data.images is None:
         raise ConfigError(f"data.source '{data.source}' needs data.images")
     from ichseg.io.loader import load_volumes
@@ -82,24 +97,32 @@ def training_pairs(data: SegmenterDataConfig) -> list[tuple[np.ndarray, np.ndarr
     if not volumes:
         raise InputError(data.images, "no CT volume found for segmenter training")
     if data.source == "pseudo":
+        if target != "intracranial":
+            raise ConfigError("pseudo-labels exist only for the intracranial target")
         from ichseg.segmentation.classical import classical_intracranial_mask
 
-        return [(v.hu, classical_intracranial_mask(v.hu, v.spacing)) for v in volumes]
+        return [
+            SegmentationCase(v.hu, classical_intracranial_mask(v.hu, v.spacing), v.patient_id)
+            for v in volumes
+        ]
     if data.masks is None:
         raise ConfigError("data.source 'nifti' needs data.masks")
+    import nibabel as nib
+
     from ichseg.io.nifti import nifti_stem
 
-    pairs = []
+    cases = []
     for volume in volumes:
         source = Path(volume.source)
         candidates = [data.masks / f"{nifti_stem(source)}_mask.nii.gz", data.masks / source.name]
+        if target == "hemorrhage":
+            candidates.insert(0, data.masks / f"{nifti_stem(source)}_hemorrhage.nii.gz")
         mask_path = next((c for c in candidates if c.exists()), None)
         if mask_path is None:
             raise InputError(source, f"no reference mask in {data.masks}")
-        import nibabel as nib
-
-        mask = np.asarray(nib.load(str(mask_path)).dataobj).transpose(2, 1, 0) > 0
-        if mask.shape != volume.shape:
-            raise InputError(mask_path, f"mask shape {mask.shape} differs from CT {volume.shape}")
-        pairs.append((volume.hu, mask.astype(np.uint8)))
-    return pairs
+        labels = np.asarray(nib.load(str(mask_path)).dataobj).transpose(2, 1, 0)
+        if labels.shape != volume.shape:
+            raise InputError(mask_path, f"mask shape {labels.shape} differs from CT {volume.shape}")
+        labels = labels > 0 if target == "intracranial" else np.rint(labels)
+        cases.append(SegmentationCase(volume.hu, labels.astype(np.uint8), volume.patient_id))
+    return cases

@@ -1,0 +1,442 @@
+"""The slice cache: preprocessed classifier input on disk, sharded, parallel and resumable.
+
+Layout of ``<cache_root>/slices-<key>/``::
+
+    plan.json              units (series, studies, image chunks) -> shards, size estimate
+    shard-00000/           one finished shard (appears by an atomic rename, never half-written)
+        images.u8          uint8 (n, W, S, S): the W windows of each cached slice
+        index.npz          labels, classes, patient/series ids, SOP UIDs, slice indices,
+                           trainable flags, 2.5D neighbour rows (local to the shard)
+        skipped.json       units of this shard that could not be read, with reasons
+    done.json              written last: the cache is complete
+
+The key hashes what changes the arrays (the preprocessor's description and the data's identity)
+and nothing else, so runs that differ only in training settings, seeds or splits share one
+cache. Shards are built by worker processes; a build that is killed keeps its finished shards,
+and the next build makes only the missing ones (the plan is deterministic, so the result is the
+same arrays). Only the windows are stored: 2.5D neighbours are gathered when a sample is read,
+so a context of k costs no extra disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ichseg.config import DataConfig, MaskingConfig, RunConfig, TaskConfig
+from ichseg.errors import InputError
+from ichseg.fileio import write_json
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2
+SHARD_SLICES = 2048
+"""Target slices per shard: small enough to lose little on a kill, large enough to be few."""
+DISK_MARGIN = 1.05
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("ICHSEG_CACHE", Path.home() / ".cache" / "ichseg"))
+
+
+def cache_key(description: dict[str, Any], identity: dict[str, Any]) -> str:
+    import hashlib
+
+    payload = {"version": CACHE_VERSION, "preprocess": description, "data": identity}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ShardedImages:
+    """Read-only ``(N, W, S, S)`` uint8 view over the shards' memory maps."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = arrays
+        self.offsets = np.r_[0, np.cumsum([len(a) for a in arrays])].astype(np.int64)
+        self.shape = (int(self.offsets[-1]), *(arrays[0].shape[1:] if arrays else (0, 0, 0)))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        indices = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        out = np.empty((indices.size, *self.shape[1:]), dtype=np.uint8)
+        for position, (s, i) in enumerate(zip(shard, indices, strict=True)):
+            out[position] = self.arrays[s][i - self.offsets[s]]
+        return out.reshape(*np.shape(index), *self.shape[1:]) if np.ndim(index) else out[0]
+
+
+@dataclass
+class SliceSet:
+    """Cached slices and their labels.
+
+    Attributes:
+        images: the windows of every cached slice, ``(N, W, S, S)``.
+        neighbours: ``(N, 2k+1)`` global rows of each slice's 2.5D neighbours.
+        labels: ``(N, 6)`` float32 in SUBTYPES order, NaN where unknown.
+        classes: ``(N,)`` int64 class index for picture datasets in multiclass mode, else None.
+        class_names: names of ``classes``.
+        groups: patient id per slice; series: series id; sop_uids; slice_index (in its volume).
+        trainable: slices that are labelled and pass the slice filter (the others are kept
+            only as 2.5D neighbours).
+        label_level: ``"slice"`` or ``"series"`` (scan-level labels copied to slices).
+        folder: the cache folder.
+    """
+
+    images: ShardedImages
+    neighbours: np.ndarray
+    labels: np.ndarray
+    classes: np.ndarray | None
+    class_names: list[str] | None
+    groups: np.ndarray
+    series: np.ndarray
+    sop_uids: np.ndarray
+    slice_index: np.ndarray
+    trainable: np.ndarray
+    label_level: str
+    folder: Path
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def usable(self) -> np.ndarray:
+        """Rows that training and evaluation use."""
+        return np.flatnonzero(self.trainable)
+
+    def stack(self, index: int) -> np.ndarray:
+        """uint8 ``(C, S, S)`` model input of one slice (its windows and its neighbours')."""
+        from ichseg.preprocess.pipeline import gather_context
+
+        rows = self.neighbours[index]
+        return gather_context(self.images[rows], np.arange(len(rows))[None])[0]
+
+    def targets(self, task: TaskConfig) -> np.ndarray:
+        """``(N, 6)`` float labels (multilabel) or ``(N,)`` int64 classes (multiclass)."""
+        if task.mode == "multilabel":
+            return self.labels.astype(np.float32)
+        if self.classes is not None:
+            if task.classes and list(task.classes) != list(self.class_names or []):
+                raise InputError(
+                    self.folder,
+                    f"task.classes {task.classes} differ from the data's classes "
+                    f"{self.class_names}",
+                )
+            return self.classes
+        from ichseg.engine.targets import multiclass_targets
+
+        return multiclass_targets(self.labels, task.class_names)
+
+
+def _plan(units: list, shard_slices: int) -> list[list[int]]:
+    """Consecutive units per shard, about ``shard_slices`` slices each (at least one unit)."""
+    shards: list[list[int]] = []
+    current: list[int] = []
+    count = 0
+    for i, unit in enumerate(units):
+        current.append(i)
+        count += max(unit.slices, 1)
+        if count >= shard_slices:
+            shards.append(current)
+            current, count = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _estimate_bytes(units: list, per_slice: int) -> int:
+    return int(sum(max(u.slices, 0) for u in units) * per_slice)
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    probe = folder if folder.exists() else folder.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed * DISK_MARGIN > free:
+        raise InputError(
+            folder,
+            f"the slice cache needs about {needed / 1e9:.2f} GB and only {free / 1e9:.2f} GB "
+            "are free there (set data.cache_dir or ICHSEG_CACHE to a larger disk)",
+        )
+
+
+def build_slices(
+    config: RunConfig,
+    preprocessor=None,
+    cache_root: Path | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+    shard_slices: int = SHARD_SLICES,
+) -> SliceSet:
+    """Preprocess the configured data into the cache (missing shards only) and open it.
+
+    Args:
+        config: the run config (``data`` and ``masking`` matter).
+        preprocessor: the run's :class:`~ichseg.preprocess.pipeline.Preprocessor`; built from
+            the config when None.
+        cache_root: where caches live (default ``data.cache_dir``, ``$ICHSEG_CACHE`` or
+            ``~/.cache/ichseg``).
+        progress: progress output.
+        workers: processes that build shards (default ``data.workers``, else the CPUs this
+            process may use); 0 or 1 builds in this process.
+        shard_slices: target slices per shard.
+
+    Raises:
+        InputError: no usable labelled slice, or not enough disk for the estimate.
+    """
+    from ichseg.engine.sources import make_source
+    from ichseg.preprocess.pipeline import Preprocessor
+    from ichseg.progress import progress as progress_bar
+    from ichseg.runtime import available_cpus
+
+    data = config.data
+    preprocessor = preprocessor or Preprocessor.from_config(config)
+    cache_root = Path(cache_root or data.cache_dir or default_cache_root())
+    source = make_source(data, cache_root)
+    folder = cache_root / f"slices-{cache_key(preprocessor.describe(), source.identity())}"
+    if (folder / "done.json").exists():
+        return open_slices(folder)
+    units = sorted(source.units(), key=lambda u: u.key)
+    if not units:
+        raise InputError(data.root or folder, "the data source holds no volumes or images")
+    windows = 3 if data.source == "images" and preprocessor.channels != 1 else len(data.windows)
+    per_slice = windows * data.image_size**2
+    estimate = _estimate_bytes(units, per_slice)
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_disk(folder, estimate)
+    shards = _plan(units, shard_slices)
+    plan = {
+        "version": CACHE_VERSION,
+        "units": [u.key for u in units],
+        "shards": shards,
+        "estimated_bytes": estimate,
+        "preprocess": preprocessor.describe(),
+        "data": source.identity(),
+    }
+    plan_path = folder / "plan.json"
+    if plan_path.exists() and json.loads(plan_path.read_text()).get("shards") != shards:
+        raise InputError(folder, "a different build plan exists here; remove the folder")
+    write_json(plan_path, plan)
+    missing = [i for i in range(len(shards)) if not (folder / _shard_name(i)).is_dir()]
+    if progress:
+        log.warning(
+            "slice cache %s: %d unit(s), ~%.2f GB, %d of %d shard(s) to build",
+            folder,
+            len(units),
+            estimate / 1e9,
+            len(missing),
+            len(shards),
+        )
+    workers = available_cpus() if workers is None else workers
+    if data.workers is not None:
+        workers = data.workers
+    jobs = [
+        (
+            str(folder),
+            i,
+            [units[j] for j in shards[i]],
+            config.model_dump(mode="json"),
+            str(preprocessor.segmenter_path) if preprocessor.segmenter_path else None,
+            str(cache_root),
+        )
+        for i in missing
+    ]
+    bar = progress_bar(total=len(jobs), desc="cache", unit="shard", enabled=progress)
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # fork after torch threads can deadlock
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            for future in as_completed([pool.submit(_build_shard_job, job) for job in jobs]):
+                future.result()
+                bar.update(1)
+    else:
+        for job in jobs:
+            _build_shard(*job, source=source, preprocessor=preprocessor)
+            bar.update(1)
+    bar.close()
+    count = sum(
+        int(json.loads((folder / _shard_name(i) / "meta.json").read_text())["trainable"])
+        for i in range(len(shards))
+    )
+    if count == 0:
+        where = data.root if data.source != "phantom" else folder
+        raise InputError(where, "no usable labelled slices found (see warnings for skips)")
+    write_json(folder / "done.json", {"version": CACHE_VERSION, "shards": len(shards)})
+    return open_slices(folder)
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _build_shard_job(job: tuple) -> None:
+    """Process-pool entry point: rebuild the source and preprocessor in the worker."""
+    import torch
+
+    torch.set_num_threads(1)  # one process per core; threads would oversubscribe
+    _build_shard(*job)
+
+
+def _build_shard(
+    folder: str,
+    shard: int,
+    units: list,
+    config_json: dict[str, Any],
+    segmenter: str | None,
+    cache_root: str,
+    source=None,
+    preprocessor=None,
+) -> None:
+    from ichseg.config import validate_config
+    from ichseg.engine.sources import iter_units, make_source
+    from ichseg.preprocess.pipeline import Preprocessor
+    from ichseg.preprocess.windowing import neighbour_index
+
+    config = validate_config(config_json, "cache worker")
+    data: DataConfig = config.data
+    masking: MaskingConfig = config.masking
+    source = source or make_source(data, Path(cache_root))
+    preprocessor = preprocessor or Preprocessor.from_parts(data, masking, segmenter, config.name)
+    parts: dict[str, list[Any]] = {
+        k: []
+        for k in ("images", "labels", "classes", "groups", "series", "sop", "index", "train", "nbr")
+    }
+    skipped: list[dict[str, str]] = []
+    rows = 0
+    for unit, item in iter_units(source, units):
+        if isinstance(item, InputError):
+            skipped.append({"unit": unit.key, "reason": str(item)})
+            log.warning("cache: skipped %s", item)
+            continue
+        for warning in item.warnings:
+            log.info("cache: %s: %s", unit.key, warning)
+        labelled = ~np.isnan(item.labels[:, 0])
+        if item.volume is not None:
+            prepared = preprocessor(item.volume)
+            base, keep = prepared.base, prepared.keep
+            neighbours = neighbour_index(len(base), data.context)
+        else:
+            base = np.stack([preprocessor.image(p) for p in item.images])
+            keep = np.ones(len(base), dtype=bool)
+            neighbours = np.arange(len(base))[:, None]
+        trainable = labelled & keep
+        # Without 2.5D context only trainable slices are needed; with it, their neighbours too.
+        stored = trainable.copy()
+        if data.context:
+            stored[np.unique(neighbours[trainable])] = True
+        where = np.flatnonzero(stored)
+        local = -np.ones(len(base), dtype=np.int64)
+        local[where] = rows + np.arange(where.size)
+        parts["images"].append(base[where])
+        parts["labels"].append(item.labels[where])
+        if item.classes is not None:
+            parts["classes"].append(item.classes[where])
+        parts["groups"] += [item.groups[z] for z in where]
+        parts["series"] += [item.series[z] for z in where]
+        parts["sop"] += [item.sop_uids[z] for z in where]
+        parts["index"].append(where)
+        parts["train"].append(trainable[where])
+        parts["nbr"].append(local[neighbours[where]])
+        rows += where.size
+    tmp = Path(folder) / f".{_shard_name(shard)}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        images = (
+            np.concatenate(parts["images"])
+            if parts["images"]
+            else np.zeros((0, 1, data.image_size, data.image_size), np.uint8)
+        )
+        images.tofile(tmp / "images.u8")
+        width = 2 * data.context + 1
+        np.savez(
+            tmp / "index.npz",
+            labels=_cat(parts["labels"], (0, 6), np.float32),
+            classes=_cat(parts["classes"], (0,), np.int64),
+            groups=np.array(parts["groups"], dtype=str),
+            series=np.array(parts["series"], dtype=str),
+            sop_uids=np.array(parts["sop"], dtype=str),
+            slice_index=_cat(parts["index"], (0,), np.int64),
+            trainable=_cat(parts["train"], (0,), bool),
+            neighbours=_cat(parts["nbr"], (0, width), np.int64),
+        )
+        meta = {
+            "count": int(images.shape[0]),
+            "shape": list(images.shape[1:]),
+            "trainable": int(_cat(parts["train"], (0,), bool).sum()),
+            "has_classes": bool(parts["classes"]),
+            "class_names": source.class_names() if hasattr(source, "class_names") else None,
+            "label_level": source.label_level,
+        }
+        write_json(tmp / "meta.json", meta)
+        write_json(tmp / "skipped.json", skipped)
+        os.replace(tmp, Path(folder) / _shard_name(shard))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cat(arrays: list[np.ndarray], empty_shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(empty_shape, dtype)
+
+
+def open_slices(folder: str | Path) -> SliceSet:
+    """Open a finished cache folder."""
+    folder = Path(folder)
+    done = json.loads((folder / "done.json").read_text())
+    arrays, indexes, metas = [], [], []
+    for i in range(done["shards"]):
+        shard = folder / _shard_name(i)
+        meta = json.loads((shard / "meta.json").read_text())
+        if meta["count"]:
+            arrays.append(
+                np.memmap(shard / "images.u8", np.uint8, "r", shape=(meta["count"], *meta["shape"]))
+            )
+        indexes.append(np.load(shard / "index.npz"))
+        metas.append(meta)
+    offsets = np.r_[0, np.cumsum([m["count"] for m in metas])]
+    neighbours = np.concatenate(
+        [
+            np.where(ix["neighbours"] >= 0, ix["neighbours"] + off, -1)
+            for ix, off in zip(indexes, offsets, strict=False)
+        ]
+    )
+
+    def cat(key: str) -> np.ndarray:
+        return np.concatenate([ix[key] for ix in indexes])
+
+    has_classes = any(m["has_classes"] for m in metas)
+    return SliceSet(
+        images=ShardedImages(arrays),
+        neighbours=neighbours,
+        labels=cat("labels"),
+        classes=cat("classes") if has_classes else None,
+        class_names=next((m["class_names"] for m in metas if m["class_names"]), None),
+        groups=cat("groups"),
+        series=cat("series"),
+        sop_uids=cat("sop_uids"),
+        slice_index=cat("slice_index"),
+        trainable=cat("trainable"),
+        label_level=metas[0]["label_level"] if metas else "slice",
+        folder=folder,
+    )
+
+
+def cached_skips(folder: str | Path) -> list[dict[str, str]]:
+    """Units the cache could not read, with reasons (from every shard)."""
+    folder = Path(folder)
+    found = []
+    for shard in sorted(folder.glob("shard-*")):
+        path = shard / "skipped.json"
+        if path.exists():
+            found += json.loads(path.read_text())
+    return found

@@ -1,0 +1,356 @@
+"""Labelled data for classifier training, cut into units that can be cached independently.
+
+A source lists its *units* (a phantom study, a DICOM series, a NIfTI file, a chunk of images)
+without decoding pixels, and reads one unit at a time into labelled slices. Units are what the
+slice cache builds in parallel and resumes: see :mod:`ichseg.engine.cache`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ichseg.config import DataConfig
+from ichseg.errors import ConfigError, InputError
+from ichseg.volume import SUBTYPES, CTVolume
+
+log = logging.getLogger(__name__)
+
+IMAGE_CHUNK = 256
+"""Images per unit for picture datasets (units are the grain of parallel, resumable caching)."""
+
+
+@dataclass
+class Unit:
+    """One independently cacheable piece of a source.
+
+    Attributes:
+        key: stable id, unique within the source.
+        slices: expected number of slices (for the size estimate before the build).
+        payload: what :meth:`Source.read` needs (picklable: paths, headers, table rows).
+    """
+
+    key: str
+    slices: int
+    payload: Any
+
+
+@dataclass
+class LabelledSlices:
+    """What reading a unit gives: a volume with per-slice labels, or a chunk of pictures.
+
+    Attributes:
+        volume: the CT (None for pictures).
+        images: picture paths (empty for volumes).
+        labels: ``(Z, 6)`` float32 in SUBTYPES order, NaN where unknown.
+        classes: ``(Z,)`` int64 class index for picture sources in multiclass mode, else None.
+        groups: patient id per slice.
+        series: series id per slice.
+        sop_uids: SOPInstanceUID per slice (file name for pictures).
+        warnings: why anything was skipped or assumed.
+    """
+
+    volume: CTVolume | None
+    images: list[Path]
+    labels: np.ndarray
+    classes: np.ndarray | None
+    groups: list[str]
+    series: list[str]
+    sop_uids: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _group_from_pattern(pattern: str | None, path: Path, root: Path | None) -> str | None:
+    if not pattern:
+        return None
+    try:
+        relative = path.resolve().relative_to(root.resolve()) if root else path
+    except ValueError:
+        relative = path
+    match = re.search(pattern, relative.as_posix())
+    if match is None or "group" not in match.groupdict():
+        raise InputError(
+            path, f"data.group_pattern {pattern!r} does not match (named group 'group')"
+        )
+    return match.group("group")
+
+
+class Source:
+    """Base: a data config's labelled slices, as units."""
+
+    label_level = "slice"
+
+    def __init__(self, data: DataConfig, cache_root: Path) -> None:
+        self.data = data
+        self.cache_root = cache_root
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the data (part of the cache key)."""
+        raise NotImplementedError
+
+    def units(self) -> list[Unit]:
+        raise NotImplementedError
+
+    def read(self, unit: Unit) -> LabelledSlices:
+        raise NotImplementedError
+
+
+def _stat(path: Path | None) -> list[Any] | None:
+    if path is None or not Path(path).exists():
+        return None
+    stat = Path(path).stat()
+    return [str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size]
+
+
+class PhantomSource(Source):
+    """Synthetic studies generated once into ``cache_root/phantom-<key>`` (NIfTI + labels)."""
+
+    def _folder(self) -> Path:
+        spec = self.data.phantom.model_dump()
+        key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        return self.cache_root / f"phantom-{key}"
+
+    def identity(self) -> dict[str, Any]:
+        return {"phantom": self.data.phantom.model_dump()}
+
+    def units(self) -> list[Unit]:
+        from ichseg.phantom import PhantomConfig, write_dataset
+
+        spec = self.data.phantom
+        folder = self._folder()
+        manifest = folder / "manifest.csv"
+        if not manifest.exists():
+            log.info("generating %d phantom studies in %s", spec.studies, folder)
+            write_dataset(
+                folder,
+                studies=spec.studies,
+                seed=spec.seed,
+                config=PhantomConfig(
+                    size=spec.size,
+                    num_slices=spec.slices,
+                    negative_fraction=spec.negative_fraction,
+                ),
+                write_dicom=False,
+            )
+        with open(manifest, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return [Unit(row["study_id"], int(row["num_slices"]), row) for row in rows]
+
+    def read(self, unit: Unit) -> LabelledSlices:
+        from ichseg.io.nifti import read_nifti
+
+        folder = self._folder()
+        row = unit.payload
+        table = _phantom_slice_labels(str(folder / "slices.csv"))
+        volume = read_nifti(folder / row["ct_nifti"])
+        volume.metadata["PatientID"] = row["patient_id"]
+        volume.series_uid = row["series_uid"]
+        labels = np.stack([table[(row["study_id"], z)] for z in range(volume.num_slices)])
+        n = volume.num_slices
+        return LabelledSlices(
+            volume,
+            [],
+            labels,
+            None,
+            [row["patient_id"]] * n,
+            [row["series_uid"]] * n,
+            [f"{row['study_id']}_{z}" for z in range(n)],
+        )
+
+
+@lru_cache(maxsize=4)
+def _phantom_slice_labels(path: str) -> dict[tuple[str, int], np.ndarray]:
+    table: dict[tuple[str, int], np.ndarray] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            vector = np.array([float(row[name]) for name in SUBTYPES], dtype=np.float32)
+            table[(row["study_id"], int(row["slice_index"]))] = vector
+    return table
+
+
+@lru_cache(maxsize=2)
+def _label_table(path: str):
+    from ichseg.io.labels import read_labels
+
+    return read_labels(path)
+
+
+# Scan-level label formats: every slice carries its study's label.
+_SCAN_LEVEL_FORMATS = ("cq500",)
+
+
+class CTFileSource(Source):
+    """DICOM series and NIfTI volumes under ``data.root`` with a label table."""
+
+    def __init__(self, data: DataConfig, cache_root: Path) -> None:
+        super().__init__(data, cache_root)
+        if data.root is None:
+            raise ConfigError(f"data.source '{data.source}' needs data.root")
+        if data.labels is None:
+            raise ConfigError(f"data.source '{data.source}' needs data.labels (a label CSV)")
+        from ichseg.io.labels import detect_label_format
+
+        self.format = detect_label_format(data.labels)
+        self.label_level = "series" if self.format in _SCAN_LEVEL_FORMATS else "slice"
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "source": self.data.source,
+            "root": _stat(self.data.root),
+            "labels": _stat(self.data.labels),
+            "group_pattern": self.data.group_pattern,
+        }
+
+    def units(self) -> list[Unit]:
+        from ichseg.io.loader import index_input
+
+        index = index_input(self.data.root)  # type: ignore[arg-type]
+        for path, reason in index.skipped:
+            log.warning("skipped %s: %s", path, reason)
+        units = [
+            Unit(f"dicom:{s.series_uid}", len(s.headers), ("dicom", s)) for s in index.dicom_series
+        ]
+        units += [Unit(f"nifti:{p}", 0, ("nifti", p)) for p in index.nifti_files]
+        return units
+
+    def read(self, unit: Unit) -> LabelledSlices:
+        from ichseg.io.dicom import read_series
+        from ichseg.io.nifti import read_nifti
+
+        kind, payload = unit.payload
+        volume = read_series(payload) if kind == "dicom" else read_nifti(payload)
+        group = _group_from_pattern(self.data.group_pattern, Path(volume.source), self.data.root)
+        if group is not None:
+            volume.metadata["PatientID"] = group
+        table = _label_table(str(self.data.labels))
+        labels = _labels_for_volume(volume, table, self.format)
+        warnings = list(volume.warnings)
+        if np.isnan(labels[:, 0]).all():
+            warnings.append(f"no labels for any slice of {volume.source}")
+        n = volume.num_slices
+        return LabelledSlices(
+            volume,
+            [],
+            labels,
+            None,
+            [volume.patient_id] * n,
+            [volume.series_uid] * n,
+            list(volume.sop_uids),
+            warnings,
+        )
+
+
+def _labels_for_volume(volume: CTVolume, table, fmt: str) -> np.ndarray:
+    from ichseg.io.labels import ctich_key, rsna_key
+
+    labels = np.full((volume.num_slices, len(SUBTYPES)), np.nan, dtype=np.float32)
+    for z, sop in enumerate(volume.sop_uids):
+        if fmt == "rsna":
+            key = rsna_key(sop)
+        elif fmt == "ctich":
+            key = ctich_key(volume.patient_id, z + 1)
+        elif fmt == "cq500":
+            key = volume.patient_id
+        else:
+            key = sop
+        if key in table:
+            labels[z] = table[key]
+    return labels
+
+
+class ImageSource(Source):
+    """Windowed PNG/JPG pictures with labels.csv or class sub-folders."""
+
+    def __init__(self, data: DataConfig, cache_root: Path) -> None:
+        super().__init__(data, cache_root)
+        if data.root is None:
+            raise ConfigError("data.source 'images' needs data.root")
+        self._index = None
+
+    def index(self):
+        if self._index is None:
+            from ichseg.io.images import read_image_folder
+
+            self._index = read_image_folder(
+                self.data.root,  # type: ignore[arg-type]
+                labels_csv=self.data.labels,
+                group_pattern=self.data.group_pattern,
+            )
+            for warning in self._index.warnings:
+                log.warning("%s: %s", self.data.root, warning)
+        return self._index
+
+    def identity(self) -> dict[str, Any]:
+        index = self.index()
+        listing = hashlib.sha1()
+        for path in index.paths:
+            stat = path.stat()
+            listing.update(f"{path}|{stat.st_mtime_ns}|{stat.st_size}\n".encode())
+        return {
+            "source": "images",
+            "root": _stat(self.data.root),
+            "labels": _stat(self.data.labels),
+            "listing": listing.hexdigest(),
+            "group_pattern": self.data.group_pattern,
+        }
+
+    def class_names(self) -> list[str] | None:
+        index = self.index()
+        return list(index.classes) if index.task == "multiclass" else None
+
+    def units(self) -> list[Unit]:
+        index = self.index()
+        n = len(index)
+        return [
+            Unit(
+                f"images:{start}", min(IMAGE_CHUNK, n - start), (start, min(n, start + IMAGE_CHUNK))
+            )
+            for start in range(0, n, IMAGE_CHUNK)
+        ]
+
+    def read(self, unit: Unit) -> LabelledSlices:
+        index = self.index()
+        start, stop = unit.payload
+        six = index.multilabel_targets()[start:stop]
+        classes = index.multiclass_targets()[0][start:stop] if index.task == "multiclass" else None
+        paths = index.paths[start:stop]
+        groups = [str(g) for g in index.groups[start:stop]]
+        return LabelledSlices(
+            None,
+            list(paths),
+            np.asarray(six, dtype=np.float32),
+            classes,
+            groups,
+            groups,
+            [str(p.relative_to(index.root)) for p in paths],
+        )
+
+
+def make_source(data: DataConfig, cache_root: Path) -> Source:
+    """The source a data config describes."""
+    if data.source == "phantom":
+        return PhantomSource(data, cache_root)
+    if data.source == "images":
+        return ImageSource(data, cache_root)
+    return CTFileSource(data, cache_root)
+
+
+def iter_units(
+    source: Source, units: list[Unit]
+) -> Iterator[tuple[Unit, LabelledSlices | InputError]]:
+    """Read units one at a time; a unit that cannot be read yields its error."""
+    for unit in units:
+        try:
+            yield unit, source.read(unit)
+        except InputError as error:
+            yield unit, error

@@ -1,0 +1,240 @@
+"""The one path from a CT volume (or a windowed picture) to classifier input.
+
+A :class:`Preprocessor` is built once from a run's ``data`` and ``masking`` config. The slice
+cache of training, ``evaluate``, ``predict`` and the MONAI bundle all call it, so the mask
+policy (which segmenter, fill, dilation, crop), the windows, 2.5D context, resizing and the
+slice filter are decided in exactly one place and a model is served with the input it was
+trained on.
+
+Per volume: the intracranial mask (when masking is on) is dilated in-plane by
+``dilation_mm``; with ``background: air`` the HU outside it become air before windowing, with
+``background: min`` the windowed channels outside it become 0; with ``crop`` every slice is cut
+to one box around the dilated mask plus ``margin_mm`` (one box per volume, so the slices keep one
+size and 2.5D neighbours stay aligned). Then windows -> resize to ``image_size`` -> 2.5D
+neighbours -> uint8 (1/255 steps are 0.3 HU in the brain window, far below CT noise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ichseg.config import DataConfig, MaskingConfig, RunConfig
+from ichseg.errors import ConfigError, InputError
+from ichseg.preprocess.windowing import neighbour_index
+from ichseg.volume import CTVolume
+
+Masker = Callable[[CTVolume], np.ndarray]
+
+
+@dataclass
+class PreparedVolume:
+    """Classifier input of one volume.
+
+    Attributes:
+        base: uint8 ``(Z, W, S, S)``: the W windows of every slice (volume order), masked and
+            resized. The slice cache stores these; 2.5D neighbours are gathered from them.
+        keep: bool ``(Z,)``: slices that pass ``data.min_brain_fraction`` (all True when it is
+            0). Training and evaluation use only these; ``predict`` scores only these.
+        mask: the uint8 ``(z, y, x)`` intracranial mask used for the input, or None when
+            masking is off.
+        context: 2.5D neighbours on each side.
+    """
+
+    base: np.ndarray
+    keep: np.ndarray
+    mask: np.ndarray | None
+    context: int = 0
+
+    @property
+    def images(self) -> np.ndarray:
+        """uint8 ``(Z, C, S, S)`` model input, ``C = W * (2 * context + 1)``, slice-major."""
+        return gather_context(self.base, neighbour_index(len(self.base), self.context))
+
+
+def gather_context(base: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Stack each slice's neighbours' windows: ``(N, W, S, S)`` x ``(M, 2k+1)`` -> ``(M, C, S, S)``.
+
+    The one 2.5D gather: :attr:`PreparedVolume.images` and the slice cache's dataset use it.
+    """
+    stacked = base[neighbours]  # (M, 2k+1, W, S, S)
+    return stacked.reshape(len(neighbours), -1, *base.shape[-2:])
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-1 of a file's bytes (identifies a segmenter checkpoint whatever its path)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Preprocessor:
+    """Turns a :class:`CTVolume` (or a windowed PNG/JPG) into uint8 classifier input.
+
+    Args:
+        data: windows, context, image size, slice filter, source kind.
+        masking: the mask policy.
+        masker: the intracranial segmenter; required when masking is enabled.
+        segmenter_digest: SHA-1 of the U-Net checkpoint behind ``masker`` (part of
+            :meth:`describe`, so a cache built with another segmenter is never reused).
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        masking: MaskingConfig,
+        masker: Masker | None = None,
+        segmenter_digest: str | None = None,
+    ) -> None:
+        if masking.enabled and masker is None:
+            raise ConfigError("masking is enabled but no intracranial segmenter was given")
+        self.data = data
+        self.masking = masking
+        self.masker = masker if masking.enabled else None
+        self.segmenter_digest = segmenter_digest if masking.enabled else None
+
+    @classmethod
+    def from_config(cls, config: RunConfig, segmenter: str | Path | None = None) -> Preprocessor:
+        """Decide the mask policy once for a run config.
+
+        Args:
+            config: the run config.
+            segmenter: the U-Net checkpoint for ``masking.method: unet``; default
+                ``masking.checkpoint``. Ignored for unmasked or classical-mask runs.
+
+        Raises:
+            ConfigError: a U-Net-masked config without a readable checkpoint.
+        """
+        return cls.from_parts(config.data, config.masking, segmenter, config.name)
+
+    @classmethod
+    def from_parts(
+        cls,
+        data: DataConfig,
+        masking: MaskingConfig,
+        segmenter: str | Path | None = None,
+        name: str = "config",
+    ) -> Preprocessor:
+        """:meth:`from_config` from the two config sections (what cache workers receive)."""
+        if not masking.enabled:
+            return cls(data, masking)
+        if masking.method == "classical":
+            from ichseg.segmentation.masking import make_masker
+
+            return cls(data, masking, make_masker(masking))
+        checkpoint = segmenter or masking.checkpoint
+        if checkpoint is None:
+            raise ConfigError(
+                f"{name}: masking.method 'unet' needs masking.checkpoint or --segmenter"
+            )
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise ConfigError(f"{name}: segmenter checkpoint {checkpoint} not found")
+        from ichseg.segmentation.unet import load_segmenter
+
+        return cls(data, masking, load_segmenter(checkpoint), file_digest(checkpoint))
+
+    @property
+    def segmenter_path(self) -> Path | None:
+        """The U-Net checkpoint behind the masker, when there is one."""
+        return getattr(self.masker, "checkpoint_path", None)
+
+    @property
+    def source_kind(self) -> str:
+        """``"images"`` for models trained on windowed pictures, else ``"hu"``."""
+        return "images" if self.data.source == "images" else "hu"
+
+    @property
+    def channels(self) -> int:
+        return self.data.in_channels
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that changes the arrays, as plain data (cache key, run record)."""
+        masking = self.masking.model_dump(mode="json") if self.masking.enabled else None
+        if masking is not None:
+            masking.pop("checkpoint", None)  # the digest identifies the weights, not the path
+            masking["segmenter_sha1"] = self.segmenter_digest
+        return {
+            "source_kind": self.source_kind,
+            "windows": self.data.model_dump(mode="json")["windows"],
+            "context": self.data.context,
+            "image_size": self.data.image_size,
+            "min_brain_fraction": self.data.min_brain_fraction,
+            "masking": masking,
+        }
+
+    def __call__(self, volume: CTVolume, mask: np.ndarray | None = None) -> PreparedVolume:
+        """Classifier input for every slice of ``volume``.
+
+        Args:
+            volume: the CT.
+            mask: an intracranial mask already computed with this preprocessor's masker
+                (saves a second segmentation when the caller also writes the mask out).
+        """
+        if self.source_kind != "hu":
+            raise InputError(
+                volume.source,
+                "this model was trained on windowed PNG/JPG images; give it images of the "
+                "same kind, not CT volumes",
+            )
+        from ichseg.preprocess.windowing import nonblank_slices, resize_slices, stack_windows
+
+        hu = volume.hu
+        keep = (
+            nonblank_slices(hu, self.data.min_brain_fraction)
+            if self.data.min_brain_fraction > 0
+            else np.ones(volume.num_slices, dtype=bool)
+        )
+        grown = None
+        if self.masking.enabled:
+            if mask is None:
+                mask = np.asarray(self.masker(volume), dtype=np.uint8)  # type: ignore[misc]
+            from ichseg.segmentation.masking import apply_mask, crop_to_mask, dilate_mask
+
+            pixel_spacing = volume.spacing[1:]
+            grown = dilate_mask(mask, self.masking.dilation_mm, pixel_spacing)
+            if self.masking.background == "air":
+                hu = apply_mask(hu, grown, "air")
+            if self.masking.crop:
+                hu, box = crop_to_mask(hu, grown, self.masking.margin_mm, pixel_spacing)
+                grown = grown[:, box[0] : box[1], box[2] : box[3]]
+        channels = stack_windows(hu, self.data.windows)  # (Z, windows, H, W)
+        if grown is not None and self.masking.background == "min":
+            channels = np.where(grown[:, None], channels, np.float32(0.0))
+        size = (self.data.image_size, self.data.image_size)
+        if channels.shape[-2:] != size:
+            channels = resize_slices(channels, size)
+        return PreparedVolume(
+            _quantise(channels),
+            keep,
+            mask if self.masking.enabled else None,
+            self.data.context,
+        )
+
+    def image(self, path: str | Path) -> np.ndarray:
+        """uint8 ``(C, S, S)`` classifier input of one windowed PNG/JPG."""
+        if self.source_kind != "images":
+            raise InputError(
+                path,
+                "this model was trained on CT in Hounsfield units; a windowed picture has lost "
+                "the HU it needs (give it DICOM or NIfTI)",
+            )
+        from ichseg.io.images import load_image
+
+        size = (self.data.image_size, self.data.image_size)
+        pixels = load_image(path, channels=1 if self.channels == 1 else 3, size=size)
+        return _quantise(pixels)
+
+
+def _quantise(channels: np.ndarray) -> np.ndarray:
+    channels = np.asarray(channels, dtype=np.float32) * np.float32(255.0)
+    np.rint(channels, out=channels)
+    np.clip(channels, 0, 255, out=channels)
+    return channels.astype(np.uint8)

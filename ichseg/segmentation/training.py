@@ -1,0 +1,262 @@
+"""U-Net training as a client of the one training loop (:func:`ichseg.engine.loop.fit`).
+
+The segmenter trains, resumes and saves its run exactly like the classifier: a patient-level
+split written to ``splits.json``, ``config.yaml`` with the data source, ``best.pt`` (best
+validation Dice) and ``last.pt`` after every epoch, ``metrics.csv``/``.jsonl``, ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ichseg.engine.checkpoint import CONFIG_FILE, SPLITS_FILE
+from ichseg.engine.loop import LoopSettings, fit
+from ichseg.engine.splits import load_splits, save_splits, split_by_group
+from ichseg.errors import InputError
+from ichseg.fileio import write_text
+from ichseg.segmentation.unet import Segmenter, SegmenterConfig, build_unet, prepare_slices
+
+
+@dataclass
+class SegmentationCase:
+    """One training volume: HU ``(z, y, x)``, its target on the same grid, its patient."""
+
+    hu: np.ndarray
+    target: np.ndarray
+    group: str
+
+
+def as_case(item: Any, index: int, target: str = "intracranial") -> SegmentationCase:
+    """A :class:`SegmentationCase` from a case, a ``(hu, target)`` pair, or a phantom study."""
+    if isinstance(item, SegmentationCase):
+        return item
+    if isinstance(item, tuple | list) and len(item) == 2:
+        hu, labels, group = item[0], item[1], f"case{index}"
+    elif hasattr(item, "hu") and hasattr(item, "intracranial_mask"):
+        labels = item.intracranial_mask if target == "intracranial" else item.hemorrhage
+        hu, group = item.hu, str(getattr(item, "patient_id", f"case{index}"))
+    else:
+        raise TypeError("training items must be cases, (hu, target) pairs or phantom studies")
+    hu = np.asarray(hu, dtype=np.float32)
+    labels = np.asarray(labels)
+    if hu.ndim != 3 or hu.shape != labels.shape:
+        raise ValueError(f"hu {hu.shape} and target {labels.shape} must be equal 3D shapes")
+    if target == "intracranial":
+        labels = labels > 0
+    return SegmentationCase(hu, labels.astype(np.uint8), group)
+
+
+def _augment(images, masks, generator):
+    """Random flips, a small rotation and scale; the same warp for image and target."""
+    import torch
+    import torch.nn.functional as F
+
+    n = images.shape[0]
+    flip_x = torch.rand(n, generator=generator) < 0.5
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(15.0)
+    scale = 1.0 + (torch.rand(n, generator=generator) * 2 - 1) * 0.1
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.05
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    sign = torch.where(flip_x, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = cos * sign
+    theta[:, 0, 1] = -sin
+    theta[:, 1, 0] = sin * sign
+    theta[:, 1, 1] = cos
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # Zero padding is air in every window (all standard windows start above -1000 HU).
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return images, masks
+
+
+def mean_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> float:
+    """Dice of a binary mask, or the mean Dice over foreground classes present in either map."""
+    from ichseg.metrics.overlap import dice
+
+    if num_classes == 2:
+        return dice(pred, ref)
+    scores = [
+        dice(pred == c, ref == c)
+        for c in range(1, num_classes)
+        if (pred == c).any() or (ref == c).any()
+    ]
+    return float(np.mean(scores)) if scores else 1.0
+
+
+class SegmenterTask:
+    """The U-Net family for :func:`ichseg.engine.loop.fit`."""
+
+    kind = "segmenter"
+
+    def __init__(
+        self,
+        cases: list[SegmentationCase],
+        config: SegmenterConfig,
+        splits: dict[str, np.ndarray],
+        run_config: dict[str, Any],
+    ) -> None:
+        import torch
+
+        self.config = config
+        self.name = f"segmenter-{config.target}"
+        self.cases = cases
+        self.run_config = run_config
+        self.val_ids = [int(i) for i in splits["val"]]
+        size = (config.image_size, config.image_size)
+        stacks, targets, indices, offset = [], [], [], 0
+        from ichseg.preprocess.windowing import neighbour_index
+
+        for i in splits["train"]:
+            case = cases[int(i)]
+            stacks.append(prepare_slices(case.hu, config))
+            targets.append(resize_slices_nearest(case.target, size))
+            indices.append(neighbour_index(case.hu.shape[0], config.context) + offset)
+            offset += case.hu.shape[0]
+        self.images = torch.from_numpy(np.concatenate(stacks))
+        self.targets = torch.from_numpy(np.concatenate(targets).astype(np.float32))
+        self.index = np.concatenate(indices)
+        self.generator = torch.Generator()
+        self.rng = np.random.default_rng(config.seed)
+        from monai.losses import DiceCELoss
+
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def build_model(self):
+        return build_unet(self.config)
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.run_config
+
+    def start_epoch(self, epoch: int) -> None:
+        from ichseg.engine.loop import epoch_seed
+
+        seed = epoch_seed(self.config.seed, epoch)
+        self.generator.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+
+    def num_batches(self) -> int:
+        return math.ceil(self.index.shape[0] / self.config.batch_size)
+
+    def train_batches(self):
+        import torch
+
+        order = self.rng.permutation(self.index.shape[0])
+        size = self.config.batch_size
+        for step in range(self.num_batches()):
+            rows = self.index[order[step * size : (step + 1) * size]]
+            images = self.images[torch.from_numpy(rows)].flatten(1, 2)
+            targets = self.targets[torch.from_numpy(rows[:, self.config.context])][:, None]
+            if self.config.augment:
+                images, targets = _augment(images, targets, self.generator)
+            yield images, targets
+
+    def loss(self, model, batch, device):
+        import torch
+
+        images, targets = batch
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        logits = model(images)
+        return self.loss_fn(logits.float(), targets.to(device)), len(images)
+
+    def validate(self, model, device) -> dict[str, float]:
+        if not self.val_ids:
+            return {"val_dice": math.nan}
+        segmenter = Segmenter(model, self.config, str(device))
+        scores = [
+            mean_dice(
+                segmenter.predict(self.cases[i].hu), self.cases[i].target, self.config.num_classes
+            )
+            for i in self.val_ids
+        ]
+        model.train()
+        return {"val_dice": float(np.mean(scores))}
+
+
+def resize_slices_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from ichseg.preprocess.windowing import resize_slices
+
+    return resize_slices(labels, size, order=0)
+
+
+def _split_cases(
+    cases: list[SegmentationCase], config: SegmenterConfig, run_dir: Path
+) -> dict[str, np.ndarray]:
+    groups = np.array([c.group for c in cases])
+    path = run_dir / SPLITS_FILE
+    if path.exists():
+        return load_splits(path, groups)
+    if len(cases) < 2 or config.val_fraction <= 0:
+        return {"train": np.arange(len(cases)), "val": np.array([], int), "test": np.array([], int)}
+    positive = np.array([bool(c.target.any()) for c in cases])
+    splits = split_by_group(groups, positive, config.val_fraction, 0.0, config.seed)
+    if len(splits["val"]) == 0:  # too few patients for the fraction: hold out one
+        last = splits["train"][-1:]
+        splits = {"train": splits["train"][:-1], "val": last, "test": splits["test"]}
+    return splits
+
+
+def train_segmenter(
+    cases: Sequence[Any],
+    config: SegmenterConfig | None = None,
+    run_dir: str | Path = "runs/segmenter",
+    *,
+    data: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+) -> Path:
+    """Train the U-Net on the shared loop and return the path of the best checkpoint.
+
+    Args:
+        cases: :class:`SegmentationCase` items, ``(hu, target)`` pairs or phantom studies.
+            ``config.val_fraction`` of the patients are held out for the validation Dice.
+        config: hyper-parameters and target; defaults to ``SegmenterConfig()``.
+        run_dir: the run folder (same files as a classifier run).
+        data: the data section of the training config, recorded in ``config.yaml``.
+        resume: continue from ``run_dir/last.pt`` (same config only).
+        progress: progress output.
+        device: torch device; default CUDA when available, else CPU.
+
+    Returns:
+        Path of ``best.pt`` (highest validation Dice; the last epoch when nothing is held out).
+    """
+    import torch
+    import yaml
+
+    config = config or SegmenterConfig()
+    items = [as_case(item, i, config.target) for i, item in enumerate(cases)]
+    if not items:
+        raise InputError(None, "no training volumes for the segmenter")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {"data": data or {}, "model": config.model_dump(mode="json")}
+    write_text(run_dir / CONFIG_FILE, yaml.safe_dump(run_config, sort_keys=False))
+    splits = _split_cases(items, config, run_dir)
+    save_splits(splits, np.array([c.group for c in items]), run_dir / SPLITS_FILE)
+    task = SegmenterTask(items, config, splits, run_config)
+    has_val = len(splits["val"]) > 0
+    settings = LoopSettings(
+        epochs=config.epochs,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        optimizer="adam",
+        scheduler="cosine",
+        amp=config.amp,
+        patience=config.patience,
+        # Nothing held out: the last epoch is the best there is.
+        monitor="val_dice" if has_val else None,
+        mode="max",
+        seed=config.seed,
+    )
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)
+    result = fit(task, run_dir, settings, resume=resume, progress=progress, device=dev)
+    return result.best_checkpoint
