@@ -306,6 +306,12 @@ def segment(
         f"{result.num_ok} volume(s) segmented, {result.num_error} failed, "
         f"{len(result.skipped)} file(s) skipped; summary: {result.summary_csv}"
     )
+    for row in result.rows:
+        if row["status"] == "error":
+            message = (
+                row["error"] if row["input"] in row["error"] else f"{row['input']}: {row['error']}"
+            )
+            typer.echo(f"failed {message}", err=True)
     for path, reason in result.skipped[:_SKIPPED_SHOWN]:
         typer.echo(f"skipped {path}: {reason}", err=True)
     if len(result.skipped) > _SKIPPED_SHOWN:

@@ -28,7 +28,7 @@ import logging
 import os
 import warnings as py_warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,6 +312,8 @@ def _read_header(path: Path) -> SliceHeader:
         if sop_class not in _CT_SOP_CLASSES:
             raise NotAnImage(path, f"{_sop_class_name(sop_class)} without an image")
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if not series_uid and len(ds) == 0:
+        raise InputError(path, "DICOM file without any data element (truncated header?)")
     if not series_uid:
         raise InputError(path, "DICOM file without SeriesInstanceUID")
     transfer_syntax = str(file_meta.get("TransferSyntaxUID", "") or "") if file_meta else ""
@@ -614,8 +616,8 @@ def read_series(series: SeriesFiles) -> CTVolume:
     """
     notes = _SeriesNotes()
     headers = _usable_headers(series, notes)
-    orientation, headers = _series_orientation(headers, notes)
-    pixel_spacing, headers = _series_pixel_spacing(headers, notes)
+    orientation, headers = _series_value(headers, notes, _ORIENTATION)
+    pixel_spacing, headers = _series_value(headers, notes, _PIXEL_SPACING)
     headers, distances, have_positions = _sorted_unique(headers, orientation, notes)
     if headers:
         rows, columns = headers[0].rows, headers[0].columns
@@ -721,85 +723,87 @@ def _usable_headers(series: SeriesFiles, notes: _SeriesNotes) -> list[SliceHeade
     return kept
 
 
-def _series_orientation(
-    headers: list[SliceHeader], notes: _SeriesNotes
+@dataclass(frozen=True)
+class _SliceAttribute:
+    """A per-slice header value that must be valid and the same across a series."""
+
+    name: str
+    read: Callable[[SliceHeader], tuple[float, ...] | None]
+    validate: Callable[[tuple[float, ...]], Any]  # raises ValueError with the reason
+    default: Any
+    default_text: str
+    flag: str
+
+
+_ORIENTATION = _SliceAttribute(
+    "ImageOrientationPatient",
+    lambda h: h.orientation,
+    orthonormal_orientation,
+    np.array([1.0, 0, 0, 0, 1.0, 0]),
+    "axial",
+    "orientation_assumed",
+)
+_PIXEL_SPACING = _SliceAttribute(
+    "PixelSpacing",
+    lambda h: h.pixel_spacing,
+    lambda values: np.array(valid_pixel_spacing(values)),
+    np.array([1.0, 1.0]),
+    "1 mm",
+    "pixel_spacing_assumed",
+)
+
+
+def _series_value(
+    headers: list[SliceHeader], notes: _SeriesNotes, attribute: _SliceAttribute
 ) -> tuple[np.ndarray, list[SliceHeader]]:
-    """The series' ImageOrientationPatient; slices with an invalid or different one dropped."""
-    valid: dict[int, np.ndarray] = {}
+    """The series' value of ``attribute`` (majority of the valid ones) and the slices kept.
+
+    A slice with an invalid value, or one that differs from the majority, is dropped; a slice
+    without the value gets the series' value, and a series without any gets the default, both
+    flagged.
+    """
+    values: list[np.ndarray | None] = []
     kept = []
     for header in headers:
-        if header.orientation is None:
-            kept.append(header)
-            continue
+        raw = attribute.read(header)
         try:
-            valid[id(header)] = orthonormal_orientation(header.orientation)
+            value = None if raw is None else np.asarray(attribute.validate(raw), np.float64)
         except ValueError as error:
             notes.drop(header, str(error))
             continue
         kept.append(header)
-    headers = kept
-    if not valid:
-        if headers:
-            notes.assume("orientation_assumed", "no ImageOrientationPatient: assumed axial")
-        return np.array([1.0, 0, 0, 0, 1.0, 0]), headers
-    key = _majority([tuple(np.round(o, 4)) for o in valid.values()])
-    orientation = next(o for o in valid.values() if tuple(np.round(o, 4)) == key)
-    kept, assumed = [], 0
-    for header in headers:
-        own = valid.get(id(header))
-        if own is None:
+        values.append(value)
+    present = [v for v in values if v is not None]
+    if not present:
+        if kept:
+            notes.assume(
+                attribute.flag, f"{attribute.name} missing: assumed {attribute.default_text}"
+            )
+        return attribute.default, kept
+    key = _majority([tuple(np.round(v, 4)) for v in present])
+    series_value = next(v for v in present if tuple(np.round(v, 4)) == key)
+    final, assumed = [], 0
+    for header, value in zip(kept, values, strict=True):
+        if value is None:
             assumed += 1
-        elif np.abs(own - orientation).max() > 1e-3:
-            notes.drop(header, "orientation differs from the series")
-            continue
-        kept.append(header)
-    if assumed:
-        notes.assume(
-            "orientation_assumed",
-            f"{assumed} slice(s) without ImageOrientationPatient: series orientation assumed",
-        )
-    return orientation, kept
-
-
-def _series_pixel_spacing(
-    headers: list[SliceHeader], notes: _SeriesNotes
-) -> tuple[tuple[float, float], list[SliceHeader]]:
-    """The series' PixelSpacing; slices with an invalid or different one dropped."""
-    valid: dict[int, tuple[float, float]] = {}
-    kept = []
-    for header in headers:
-        if header.pixel_spacing is not None:
-            try:
-                valid[id(header)] = valid_pixel_spacing(header.pixel_spacing)
-            except ValueError as error:
-                notes.drop(header, str(error))
-                continue
-        kept.append(header)
-    headers = kept
-    if not valid:
-        if headers:
-            notes.assume("pixel_spacing_assumed", "PixelSpacing missing: assumed 1 mm")
-        return (1.0, 1.0), headers
-    spacing = _majority(list(valid.values()))
-    kept, assumed = [], 0
-    for header in headers:
-        own = valid.get(id(header))
-        if own is None:
-            assumed += 1
-        elif not np.allclose(own, spacing, rtol=1e-3, atol=0):
+        elif np.abs(value - series_value).max() > 1e-3 * max(1.0, np.abs(series_value).max()):
             notes.drop(
                 header,
-                f"PixelSpacing {own[0]:g}\\{own[1]:g} differs from series "
-                f"{spacing[0]:g}\\{spacing[1]:g}",
+                f"{attribute.name} {_backslashed(value)} differs from the series "
+                f"{_backslashed(series_value)}",
             )
             continue
-        kept.append(header)
+        final.append(header)
     if assumed:
         notes.assume(
-            "pixel_spacing_assumed",
-            f"{assumed} slice(s) without PixelSpacing: series spacing assumed",
+            attribute.flag,
+            f"{assumed} slice(s) without {attribute.name}: the series value assumed",
         )
-    return spacing, kept
+    return series_value, final
+
+
+def _backslashed(values: np.ndarray) -> str:
+    return "\\".join(f"{v:.4g}" for v in values)
 
 
 def _sorted_unique(

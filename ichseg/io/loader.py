@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ichseg.errors import InputError
 from ichseg.io.dicom import SeriesFiles, is_nifti, read_series, scan_files
-from ichseg.io.nifti import nifti_stem, read_nifti
+from ichseg.io.nifti import nifti_stem, read_nifti, sidecar_path
 from ichseg.io.walk import list_files
 from ichseg.volume import CTVolume
 
@@ -102,11 +102,14 @@ def index_input(path: str | Path) -> InputIndex:
     """
     root = Path(path)
     listing = list_files(root)
-    scan = scan_files(listing.files)
+    nifti_files = sorted(p for p in listing.files if is_nifti(p))
+    # A NIfTI's JSON sidecar is read with the NIfTI, not as a candidate DICOM file.
+    sidecars = {sidecar_path(p) for p in nifti_files}
+    scan = scan_files(p for p in listing.files if p not in sidecars)
     index = InputIndex(
         root=root,
         dicom_series=scan.series,
-        nifti_files=sorted(p for p in listing.files if is_nifti(p)),
+        nifti_files=nifti_files,
         skipped=listing.skipped + scan.skipped,
         ignored=scan.ignored,
     )

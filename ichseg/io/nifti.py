@@ -64,6 +64,8 @@ def read_nifti(path: str | Path, patient_id: str | None = None) -> CTVolume:
         raise InputError(path, f"expected a 3D volume, got shape {tuple(image.shape)}")
     if min(shape) < 1:
         raise InputError(path, f"empty volume of shape {tuple(image.shape)}")
+    if _codes(image) == (0, 0):
+        _check_stored_pixdim(path, image)
     affine = np.asarray(image.affine, dtype=np.float64)
     _check_affine(path, affine)
     try:
@@ -111,6 +113,25 @@ def _codes(image) -> tuple[int, int]:
         return int(header["sform_code"]), int(header["qform_code"])
     except (KeyError, ValueError, TypeError):  # formats without codes (Analyze)
         return (-1, -1)
+
+
+def _check_stored_pixdim(path: Path, image) -> None:
+    """Refuse a zero/negative/non-finite voxel size when no sform or qform is there to say it.
+
+    nibabel replaces such pixdim values by 1 mm while loading, so the header is read again as
+    stored, without that fix.
+    """
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as handle:
+            stored = type(image.header).from_fileobj(handle, check=False)
+        pixdim = np.asarray(stored["pixdim"][1:4], dtype=np.float64)
+    except Exception as error:
+        raise InputError(path, f"not a readable NIfTI header ({one_line(error)})") from None
+    if not np.isfinite(pixdim).all() or (pixdim <= 0).any():
+        values = ", ".join(f"{v:g}" for v in pixdim)
+        raise InputError(path, f"no sform or qform, and pixdim ({values}) is not a voxel size")
 
 
 def _check_affine(path: Path, affine: np.ndarray) -> None:

@@ -50,8 +50,9 @@ def list_files(root: str | Path) -> FileListing:
             listing.files.append(root)
             return listing
         raise InputError(root, "not a regular file or folder")
-    seen_dirs = {(root_stat.st_dev, root_stat.st_ino)}
-    seen_files: set[tuple[int, int]] = set()
+    # (st_dev, st_ino) of every folder entered and file listed: a loop or a second link to the
+    # same place is noticed here.
+    seen = {(root_stat.st_dev, root_stat.st_ino)}
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -77,22 +78,16 @@ def list_files(root: str | Path) -> FileListing:
                 )
                 listing.skipped.append((str(path), reason))
                 continue
-            if stat.S_ISDIR(info.st_mode):
-                key = (info.st_dev, info.st_ino)
-                if key in seen_dirs:
-                    log.debug("not entering %s again (already listed through another path)", path)
-                    continue
-                seen_dirs.add(key)
-                subfolders.append(path)
-            elif stat.S_ISREG(info.st_mode):
-                key = (info.st_dev, info.st_ino)
-                if key in seen_files:
-                    log.debug("%s is a second path to a file already listed", path)
-                    continue
-                seen_files.add(key)
-                listing.files.append(path)
-            else:
+            is_folder = stat.S_ISDIR(info.st_mode)
+            if not is_folder and not stat.S_ISREG(info.st_mode):
                 listing.skipped.append((str(path), "not a regular file (device, pipe or socket)"))
+                continue
+            key = (info.st_dev, info.st_ino)
+            if key in seen:
+                log.debug("%s was already listed through another path", path)
+                continue
+            seen.add(key)
+            (subfolders if is_folder else listing.files).append(path)
         # Depth-first in name order: push reversed so the first name is entered first.
         stack.extend(reversed(subfolders))
     return listing

@@ -285,6 +285,7 @@ def segment_folder(
         skipped.extend(volume.dropped)
         warnings = list(volume.warnings)
         row.update(
+            input=volume.source,
             series_uid=volume.series_uid,
             num_slices=volume.num_slices,
             quality_flags=";".join(volume.quality_flags),
