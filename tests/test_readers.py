@@ -23,6 +23,7 @@ from corpus import (
     _delete,
     _set,
     corrupt_jpeg_ls,
+    edit,
     edit_all,
     odd_nifti,
     odd_series,
@@ -191,6 +192,24 @@ def test_series_without_any_usable_slice_names_its_folder(tmp_path: Path):
         read_series(discover_series(tmp_path).series[0])
     assert error.value.path == str(tmp_path / "odd")
     assert sorted(p for p, _ in error.value.dropped) == sorted(str(p) for p in files)
+
+
+def test_a_duplicate_file_stands_in_for_an_undecodable_one(tmp_path: Path, clean):
+    files = odd_series(tmp_path)
+    copy = files[1].with_name("CT0002_copy.dcm")
+    copy.write_bytes(files[1].read_bytes())
+    files[1].write_bytes(files[1].read_bytes()[:-100])
+    volume, _ = _read_one(tmp_path / "odd")
+    np.testing.assert_array_equal(volume.hu, clean.hu)
+    assert [p for p, _ in volume.dropped] == [str(files[1])]
+    assert "slice_gap" not in volume.quality_flags
+
+    edit(copy, _set(SOPInstanceUID="1.2.3.4"))  # a clean duplicate is dropped, named as such
+    files[1].write_bytes(files[2].read_bytes())
+    edit(files[1], _set(ImagePositionPatient=pydicom.dcmread(copy).ImagePositionPatient))
+    volume, _ = _read_one(tmp_path / "odd")
+    ((path, reason),) = volume.dropped
+    assert path == str(copy) and reason == "duplicate slice position -6.75 mm (same as CT0002.dcm)"
 
 
 # --- 7. symlinks ----------------------------------------------------------------------------

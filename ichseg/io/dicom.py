@@ -14,9 +14,10 @@ What happens to a bad file (the same rule in every command):
   is left out quietly (debug log);
 * a slice that belongs to a series but cannot be used (undecodable or truncated pixels, a pixel
   matrix over the size limit, an invalid orientation/spacing/position, no usable rescale, a
-  size or orientation that differs from the series, a duplicate position) is *dropped* from
-  its series: the rest of the series is read, the gap is reported like a missing slice and
-  ``CTVolume.dropped`` lists the file and the reason;
+  size or orientation that differs from the series, a second file at the same position) is
+  *dropped* from its series: the rest of the series is read, the gap is reported like a
+  missing slice and ``CTVolume.dropped`` lists the file and the reason (of several files at
+  one position, the first that decodes is used);
 * a series left without any usable slice is an error naming its folder;
 * every assumption made to read a series is a warning plus a code in
   ``CTVolume.quality_flags``.
@@ -173,6 +174,7 @@ class SliceHeader:
     samples_per_pixel: int | None = None
     bits_allocated: int | None = None
     file_size: int | None = None
+    has_intercept: bool = True
 
 
 @dataclass
@@ -350,6 +352,7 @@ def _read_header(path: Path) -> SliceHeader:
         samples_per_pixel=_as_int(ds.get("SamplesPerPixel")),
         bits_allocated=_as_int(ds.get("BitsAllocated")),
         file_size=file_size,
+        has_intercept=ds.get("RescaleIntercept") not in (None, ""),
     )
 
 
@@ -618,23 +621,25 @@ def read_series(series: SeriesFiles) -> CTVolume:
     headers = _usable_headers(series, notes)
     orientation, headers = _series_value(headers, notes, _ORIENTATION)
     pixel_spacing, headers = _series_value(headers, notes, _PIXEL_SPACING)
-    headers, distances, have_positions = _sorted_unique(headers, orientation, notes)
-    if headers:
-        rows, columns = headers[0].rows, headers[0].columns
-        needed = len(headers) * rows * columns * 4
+    slices, distances, have_positions = _sorted_unique(headers, orientation, notes)
+    if slices:
+        rows, columns = slices[0].header.rows, slices[0].header.columns
+        needed = len(slices) * rows * columns * 4
         if needed > max_volume_bytes():
             raise InputError(
                 series.folder,
-                f"series {series.series_uid}: {len(headers)} slices of {rows}x{columns} need "
+                f"series {series.series_uid}: {len(slices)} slices of {rows}x{columns} need "
                 f"{needed / 1024**3:.1f} GiB, above the limit of "
                 f"{max_volume_bytes() / 1024**3:.1f} GiB (set ICHSEG_MAX_VOLUME_BYTES)",
             )
-    hu, headers, distances, fixed_count = _decode_series(headers, distances, notes)
+    hu, headers, distances, fixed_count = _decode_series(slices, distances, series.folder, notes)
     if not headers:
         raise _unusable(series, notes.dropped)
 
     if len(notes.dropped):
-        shown = "; ".join(f"{Path(p).name} ({r})" for p, r in notes.dropped[:3])
+        shown = "; ".join(
+            f"{_relative(Path(p), series.folder)} ({r})" for p, r in notes.dropped[:3]
+        )
         more = f"; and {len(notes.dropped) - 3} more" if len(notes.dropped) > 3 else ""
         notes.assume("slices_dropped", f"dropped {len(notes.dropped)} slice(s): {shown}{more}")
 
@@ -690,7 +695,10 @@ def read_series(series: SeriesFiles) -> CTVolume:
 def _unusable(series: SeriesFiles, dropped: list[tuple[str, str]]) -> UnusableSeries:
     if not dropped:
         return UnusableSeries(series.folder, f"series {series.series_uid} has no files", [])
-    first_path, first_reason = dropped[0]
+    # The example is a slice's own defect where there is one, not "duplicate of a bad slice".
+    first_path, first_reason = next(
+        ((p, r) for p, r in dropped if not r.startswith("duplicate slice position")), dropped[0]
+    )
     return UnusableSeries(
         series.folder,
         f"series {series.series_uid}: none of its {len(dropped)} slice(s) can be used "
@@ -808,8 +816,9 @@ def _backslashed(values: np.ndarray) -> str:
 
 def _sorted_unique(
     headers: list[SliceHeader], orientation: np.ndarray, notes: _SeriesNotes
-) -> tuple[list[SliceHeader], np.ndarray, bool]:
-    """Slices sorted along the normal, duplicates dropped; whether positions were available."""
+) -> tuple[list[_Slice], np.ndarray, bool]:
+    """Slice positions sorted along the normal, files at the same position grouped; whether
+    positions were available."""
     kept = []
     for header in headers:
         position = header.position
@@ -846,53 +855,81 @@ def _sorted_unique(
     headers = [headers[i] for i in order]
     distances = distances[order]
 
-    # Duplicate positions: keep the first file, drop the rest.
-    unique = [0] if headers else []
-    for i in range(1, len(headers)):
-        if abs(distances[i] - distances[unique[-1]]) < 1e-3:
-            notes.drop(
-                headers[i],
-                f"duplicate slice position {distances[i]:.2f} mm "
-                f"(same as {headers[unique[-1]].path.name})",
-            )
+    # Files at one position: the first is read, the others are kept as copies to fall back on.
+    unique: list[int] = []
+    copies: list[list[SliceHeader]] = []
+    for i, header in enumerate(headers):
+        if unique and abs(distances[i] - distances[unique[-1]]) < 1e-3:
+            copies[-1].append(header)
         else:
             unique.append(i)
-    return [headers[i] for i in unique], distances[unique], have_positions
+            copies.append([])
+    slices = [_Slice(headers[i], copies[k]) for k, i in enumerate(unique)]
+    return slices, distances[unique], have_positions
+
+
+@dataclass
+class _Slice:
+    """The file read for one slice position and other files found at the same position."""
+
+    header: SliceHeader
+    copies: list[SliceHeader]
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
 
 
 def _decode_series(
-    headers: list[SliceHeader], distances: np.ndarray, notes: _SeriesNotes
+    slices: list[_Slice], distances: np.ndarray, folder: Path, notes: _SeriesNotes
 ) -> tuple[np.ndarray, list[SliceHeader], np.ndarray, int]:
     """Decode every slice into one array, dropping those that fail; apply the rescale rule.
+
+    Where several files share a position, the first that decodes is used and the others are
+    dropped as duplicates.
 
     Returns:
         The HU array, the headers and distances of the slices kept, and how many of them
         needed the RSNA 12-bit fix.
     """
-    if not headers:
+    if not slices:
         return np.empty((0, 0, 0), np.float32), [], distances, 0
-    hu = np.empty((len(headers), headers[0].rows, headers[0].columns), dtype=np.float32)
+    first = slices[0].header
+    hu = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
     kept: list[SliceHeader] = []
     kept_distances: list[float] = []
     decoded: list[DecodedSlice] = []
-    for header, distance in zip(headers, distances, strict=True):
-        try:
-            result = decode_slice(header.path)
-        except InputError as error:
-            notes.drop(header, error.reason)
-            continue
-        if result.hu.shape != hu.shape[1:]:
-            notes.drop(
-                header,
-                f"decoded pixel array {result.hu.shape} differs from the header's "
-                f"{header.rows}x{header.columns}",
-            )
-            continue
-        hu[len(kept)] = result.hu
-        result.hu = None  # type: ignore[assignment]  # the copy in ``hu`` is the one kept
-        kept.append(header)
-        kept_distances.append(float(distance))
-        decoded.append(result)
+    for position, distance in zip(slices, distances, strict=True):
+        # A copy that states its rescale goes before one that would need the rescale rule.
+        candidates = sorted([position.header, *position.copies], key=lambda h: not h.has_intercept)
+        for index, header in enumerate(candidates):
+            try:
+                result = decode_slice(header.path)
+            except InputError as error:
+                notes.drop(header, error.reason)
+                continue
+            if result.hu.shape != hu.shape[1:]:
+                notes.drop(
+                    header,
+                    f"decoded pixel array {result.hu.shape} differs from the header's "
+                    f"{header.rows}x{header.columns}",
+                )
+                continue
+            for other in candidates[index + 1 :]:
+                notes.drop(
+                    other,
+                    f"duplicate slice position {distance:.2f} mm "
+                    f"(same as {_relative(header.path, folder)})",
+                )
+            hu[len(kept)] = result.hu
+            result.hu = None  # type: ignore[assignment]  # the copy in ``hu`` is the one kept
+            kept.append(header)
+            kept_distances.append(float(distance))
+            decoded.append(result)
+            break
     keep = _rescale_rule(kept, decoded, notes)
     # Compact in place so that no second volume-sized array is allocated.
     count = 0
