@@ -27,6 +27,7 @@ _state = {"verbose": False}
 EXIT_ERROR = 2
 EXIT_PARTIAL = 3
 """Exit code when some inputs were processed and others were skipped."""
+_SKIPPED_SHOWN = 10
 
 
 @app.callback()
@@ -85,20 +86,19 @@ def inspect(
     input: Annotated[Path, typer.Argument(help="DICOM file or folder tree, NIfTI file, or mix.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Describe every CT series/volume found under INPUT: shape, spacing, HU range, warnings."""
-    from ichseg.inspection import inspect_input
+    """Describe every CT series/volume found under INPUT: shape, spacing, HU range, warnings.
+
+    Exit 0 when everything was read, 3 when some files were skipped or slices dropped, 2 when
+    nothing usable was found.
+    """
+    from ichseg.inspection import format_report, inspect_input
 
     report = inspect_input(input)
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))
-    else:
-        from ichseg.inspection import format_report
-
-        typer.echo(format_report(report))
-    if report["skipped"] and report["volumes"]:
-        raise typer.Exit(EXIT_PARTIAL)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["volumes"]:
         raise typer.Exit(EXIT_ERROR)
+    if report["partial"]:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @app.command()
@@ -307,9 +307,19 @@ def segment(
         input, out, method=chosen, checkpoint=model, reference_dir=reference, progress=not quiet
     )
     typer.echo(
-        f"{result.num_ok} volume(s) segmented, {result.num_error} failed; "
-        f"summary: {result.summary_csv}"
+        f"{result.num_ok} volume(s) segmented, {result.num_error} failed, "
+        f"{len(result.skipped)} file(s) skipped; summary: {result.summary_csv}"
     )
+    for row in result.rows:
+        if row["status"] == "error":
+            message = (
+                row["error"] if row["input"] in row["error"] else f"{row['input']}: {row['error']}"
+            )
+            typer.echo(f"failed {message}", err=True)
+    for path, reason in result.skipped[:_SKIPPED_SHOWN]:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    if len(result.skipped) > _SKIPPED_SHOWN:
+        typer.echo(f"... and {len(result.skipped) - _SKIPPED_SHOWN} more in the summary", err=True)
     if result.num_error or result.skipped:
         raise typer.Exit(EXIT_PARTIAL)
 

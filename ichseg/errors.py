@@ -20,3 +20,14 @@ class InputError(IchsegError):
 
 class ConfigError(IchsegError):
     """A configuration file that does not validate."""
+
+
+def one_line(error: BaseException) -> str:
+    """``"Type: message"`` on one line, for a reason built from a library's exception.
+
+    Multi-line messages (pydicom lists one line per failed decoder plugin) are joined with
+    ``"; "`` so that no part of the reason is lost.
+    """
+    lines = [line.strip().rstrip(":;") for line in str(error).splitlines() if line.strip()]
+    text = "; ".join(line for line in lines if line)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -36,6 +36,32 @@ HEMORRHAGE_CODES: dict[int, str] = {
 
 AIR_HU = -1000.0
 
+QUALITY_FLAGS: dict[str, str] = {
+    "rescale_assumed": "RescaleSlope and/or RescaleIntercept missing: slope 1 / intercept 0 "
+    "assumed (an intercept is only assumed when the stored values already look like HU)",
+    "rescale_12bit_fix": "RSNA 12-bit intercept fix applied (12-bit unsigned pixels, intercept "
+    "above -100, taken as HU wrapped into 12 bits)",
+    "orientation_assumed": "ImageOrientationPatient (DICOM) or sform/qform (NIfTI) missing: "
+    "axial, the series orientation, or the pixdim-only affine assumed",
+    "pixel_spacing_assumed": "PixelSpacing missing: 1 mm or the series spacing assumed",
+    "position_assumed": "ImagePositionPatient missing on every slice: slices ordered by "
+    "InstanceNumber, origin at 0",
+    "slice_spacing_assumed": "slice step not measurable (one slice, or no positions): "
+    "SliceThickness, else 1 mm, used",
+    "slice_gap": "slices missing along the normal: the affine assumes the regular step, "
+    "slice_positions hold the true positions",
+    "irregular_spacing": "slice gaps differ by more than 10 %: the affine assumes the median step",
+    "slices_dropped": "slices of the series were left out; CTVolume.dropped says which and why",
+    "patient_id_fallback": "PatientID missing: StudyInstanceUID, SeriesInstanceUID (DICOM) or "
+    "the file stem (NIfTI) used, so patient-level splits may put one patient on both sides",
+    "hu_range_suspect": "values look like raw stored values rather than HU (NIfTI)",
+}
+"""Machine-readable codes in ``CTVolume.quality_flags``: one per assumption made while reading.
+
+Every command that reports a volume prints them, so a row computed on assumed geometry or an
+assumed rescale can be filtered out of an analysis.
+"""
+
 
 @dataclass
 class CTVolume:
@@ -50,7 +76,14 @@ class CTVolume:
         sop_uids: SOPInstanceUID per slice ("" when unknown, e.g. NIfTI).
         instance_numbers: InstanceNumber per slice (None when unknown).
         metadata: PatientID, StudyInstanceUID, age, sex, KVP, manufacturer, kernel, ...
-        warnings: quirks found while reading (tilt, missing slices, 12-bit fix, ...).
+        warnings: quirks found while reading (tilt, missing slices, 12-bit fix, ...), one
+            human-readable line each.
+        quality_flags: codes from ``QUALITY_FLAGS``, one per assumption made while reading (in
+            the order first made, no repeats). Empty when nothing was assumed.
+        dropped: (file path, reason) of each slice that belonged to the series but was left
+            out (undecodable pixels, inconsistent size/orientation/spacing, duplicate position,
+            no usable rescale). The rest of the series is kept; the gap a dropped slice leaves
+            is reported like a missing slice.
     """
 
     hu: np.ndarray
@@ -62,6 +95,8 @@ class CTVolume:
     instance_numbers: list[int | None] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    quality_flags: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3:
@@ -80,6 +115,10 @@ class CTVolume:
             self.instance_numbers = [None] * n
         if len(self.sop_uids) != n or len(self.instance_numbers) != n:
             raise ValueError("sop_uids and instance_numbers need one entry per slice")
+        unknown = sorted(set(self.quality_flags) - set(QUALITY_FLAGS))
+        if unknown:
+            raise ValueError(f"unknown quality flag(s) {unknown}; known: {sorted(QUALITY_FLAGS)}")
+        self.quality_flags = list(dict.fromkeys(self.quality_flags))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -97,7 +136,12 @@ class CTVolume:
 
     @property
     def patient_id(self) -> str:
-        return str(self.metadata.get("PatientID") or self.series_uid)
+        """PatientID, else StudyInstanceUID, else the series uid (readers flag the fallback)."""
+        return str(
+            self.metadata.get("PatientID")
+            or self.metadata.get("StudyInstanceUID")
+            or self.series_uid
+        )
 
     @property
     def study_uid(self) -> str:
@@ -132,4 +176,6 @@ class CTVolume:
             "hu_median": float(np.median(hu)),
             "hu_max": float(hu.max()),
             "warnings": list(self.warnings),
+            "quality_flags": list(self.quality_flags),
+            "dropped": [{"path": p, "reason": r} for p, r in self.dropped],
         }

@@ -53,3 +53,44 @@ def test_tilt_angle():
     step = np.array([0.0, 5.0 * np.tan(np.radians(12.0)), 5.0])
     assert abs(tilt_degrees(iop, step) - 12.0) < 1e-6
     assert tilt_degrees(iop, np.array([0, 0, 5.0])) == 0.0
+
+
+def test_orientation_validation_accepts_rounding_and_refuses_damage():
+    import pytest
+
+    from ichseg.io.geometry import orthonormal_orientation
+
+    rounded = orthonormal_orientation([0.999848, 0.017452, 0, -0.017452, 0.999848, 0.00001])
+    row, column = rounded[:3], rounded[3:]
+    np.testing.assert_allclose([np.linalg.norm(row), np.linalg.norm(column)], [1.0, 1.0])
+    assert abs(np.dot(row, column)) < 1e-15
+    np.testing.assert_allclose(rounded, [0.999848, 0.017452, 0, -0.017452, 0.999848, 0], atol=2e-5)
+    for bad, reason in [
+        ([1, 0, 0, 0.6, 0.8, 0.3], "not two unit vectors"),
+        ([0, 0, 0, 0, 0, 0], "not two unit vectors"),
+        ([1, 0, 0, 0.05, 1, 0], "not orthogonal"),
+        ([1, 0, 0, 0, 1], "not six finite numbers"),
+        ([1, 0, 0, 0, 1, float("nan")], "not six finite numbers"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            orthonormal_orientation(bad)
+
+
+def test_pixel_spacing_validation():
+    import pytest
+
+    from ichseg.io.geometry import valid_pixel_spacing
+
+    assert valid_pixel_spacing([0.5, "0.7"]) == (0.5, 0.7)
+    for bad in ([0, 0], [-1, 1], [1], None, [float("inf"), 1]):
+        with pytest.raises(ValueError, match="not two positive finite numbers"):
+            valid_pixel_spacing(bad)
+
+
+def test_nominal_step_survives_a_gap_in_a_short_series():
+    from ichseg.io.dicom import nominal_step
+
+    assert nominal_step(np.array([10.0, 5.0])) == 5.0  # median would say 7.5
+    assert nominal_step(np.array([5.0, 5.0, 10.0, 5.0])) == 5.0
+    assert nominal_step(np.array([5.0, 5.0, 5.0, 2.5])) == 5.0  # one short gap stays irregular
+    assert abs(nominal_step(np.array([5.01, 4.99, 5.0])) - 5.0) < 1e-9

@@ -6,7 +6,10 @@ For each volume the output folder receives, under a safe unique ``<name>``:
 * ``<name>_mask.nii.gz``: the uint8 mask on exactly the same grid (shape and affine);
 * ``<name>_preview.png``: a grid of slices in the brain window with the mask contour;
 
-then ``summary.csv`` and ``summary.json`` with one row per volume. ``<name>`` is the NIfTI file
+then ``summary.csv`` and ``summary.json`` with one row per volume (``status`` ``ok`` or
+``error``), and one row with ``status`` ``skipped`` and the reason in ``error`` per file that was
+skipped or slice that was dropped from its series; ``quality_flags`` lists the volume's reading
+assumptions (``ichseg.volume.QUALITY_FLAGS``). ``<name>`` is the NIfTI file
 stem, or ``<PatientID>_<8 hex of sha1(SeriesInstanceUID)>`` for DICOM; a repeated name gets
 ``_2``, ``_3``, ... in input order.
 
@@ -48,6 +51,7 @@ SUMMARY_FIELDS: tuple[str, ...] = (
     "dice",
     "hd95_mm",
     "warnings",
+    "quality_flags",
     "status",
     "error",
 )
@@ -61,7 +65,11 @@ AFFINE_TOLERANCE_MM = 1e-3
 
 @dataclass
 class SegmentResult:
-    """What :func:`segment_folder` wrote."""
+    """What :func:`segment_folder` wrote.
+
+    ``skipped`` holds (path, reason) of every file left out: files that are not usable CT and
+    slices dropped from their series; each also has a ``skipped`` row in ``rows``.
+    """
 
     out_dir: Path
     rows: list[dict[str, Any]]
@@ -223,16 +231,24 @@ def segment_folder(
         unit="volume",
         disable=not progress,
     )
+    skipped = list(index.skipped)
     for (source, series_uid, nifti_path), item in items:
         row: dict[str, Any] = {k: None for k in SUMMARY_FIELDS}
         row.update(input=source, series_uid=series_uid, status="error", warnings="")
         if isinstance(item, InputError):
             row["error"] = item.reason if item.path is None else str(item)
             rows.append(row)
+            skipped.extend(getattr(item, "dropped", []))
             continue
         volume = item
+        skipped.extend(volume.dropped)
         warnings = list(volume.warnings)
-        row.update(series_uid=volume.series_uid, num_slices=volume.num_slices)
+        row.update(
+            input=volume.source,
+            series_uid=volume.series_uid,
+            num_slices=volume.num_slices,
+            quality_flags=";".join(volume.quality_flags),
+        )
         try:
             name = output_name(volume, used)
             row["name"] = name
@@ -268,9 +284,14 @@ def segment_folder(
         row["warnings"] = "; ".join(warnings)
         rows.append(row)
 
+    for path, reason in skipped:
+        row = {k: None for k in SUMMARY_FIELDS}
+        row.update(input=path, status="skipped", error=reason, warnings="")
+        rows.append(row)
     summary_csv, summary_json = _write_table(rows, out_dir)
-    result = SegmentResult(out_dir, rows, summary_csv, summary_json, list(index.skipped))
+    result = SegmentResult(out_dir, rows, summary_csv, summary_json, skipped)
     if result.num_ok == 0:
-        first = rows[0]["error"] if rows else "no volumes"
+        first = next((r["error"] for r in rows if r["status"] == "error"), None)
+        first = first or (rows[0]["error"] if rows else "no volumes")
         raise InputError(input_path, f"no volume could be segmented ({first})")
     return result
