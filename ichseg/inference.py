@@ -271,7 +271,7 @@ def _predict_volumes(
             result.skipped.append((item.path or str(input_path), item.reason))
             continue
         started = time.perf_counter()
-        result.skipped += [(path, reason) for path, reason in getattr(item, "dropped", [])]
+        result.skipped += list(item.dropped)
         try:
             prediction = predict_volume(predictor, item, batch_size)
         except InputError as error:
@@ -286,7 +286,7 @@ def _predict_volumes(
             item.to_nifti(prediction.mask, dtype=np.uint8),
             out_dir / "masks" / f"{name}_mask.nii.gz",
         )
-        flags = ";".join(getattr(item, "quality_flags", []))
+        flags = ";".join(item.quality_flags)
         slice_labels_of = thresholds.slice
         for z in range(item.num_slices):
             p = prediction.probabilities[z]

@@ -379,3 +379,23 @@ def test_inspect_shows_quality_flags_and_survives_a_reader_failure(tmp_path: Pat
     assert result.exit_code == 3 and "Traceback" not in result.output
     assert f"skipped {tmp_path / 'good'}: unexpected RuntimeError" in result.output
     assert "1 volume(s), 1 skipped" in result.output
+
+
+def test_tilted_nifti_positions_match_the_dicom_reader(tmp_path):
+    """Slice positions run along the slice normal for NIfTI as for DICOM (not the sheared axis)."""
+    from ichseg.io.dicom import read_dicom
+    from ichseg.io.nifti import read_nifti
+    from ichseg.phantom import PhantomConfig, Quirks, write_dataset
+
+    write_dataset(
+        tmp_path,
+        studies=1,
+        seed=3,
+        config=PhantomConfig(size=32, num_slices=5),
+        quirks=Quirks(gantry_tilt_deg=20.0),
+    )
+    (dicom,), _ = read_dicom(tmp_path / "dicom")
+    nifti = read_nifti(next((tmp_path / "nifti").glob("*_ct.nii.gz")))
+    np.testing.assert_allclose(
+        np.diff(nifti.slice_positions), np.diff(dicom.slice_positions), atol=1e-3
+    )

@@ -152,8 +152,7 @@ class PhantomSource(Source):
         folder = self._folder()
         row = unit.payload
         table = _phantom_slice_labels(str(folder / "slices.csv"))
-        volume = read_nifti(folder / row["ct_nifti"])
-        volume.metadata["PatientID"] = row["patient_id"]
+        volume = read_nifti(folder / row["ct_nifti"], patient_id=row["patient_id"])
         volume.series_uid = row["series_uid"]
         labels = np.stack([table[(row["study_id"], z)] for z in range(volume.num_slices)])
         n = volume.num_slices

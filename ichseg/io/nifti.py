@@ -88,9 +88,14 @@ def read_nifti(path: str | Path, patient_id: str | None = None) -> CTVolume:
         warnings.append("no sform or qform: orientation and origin assumed from pixdim only")
     hu = np.ascontiguousarray(data.transpose(2, 1, 0))
     z_axis = affine[:3, 2]
-    z_length = float(np.linalg.norm(z_axis))
+    # Positions along the slice plane's normal, as the DICOM reader measures them: with a
+    # gantry tilt the slice axis is sheared, and distances along it overstate the spacing.
+    normal = np.cross(affine[:3, 0], affine[:3, 1])
+    normal = normal / np.linalg.norm(normal)
+    if float(np.dot(normal, z_axis)) < 0:
+        normal = -normal
     origins = affine[:3, 3][None, :] + np.arange(hu.shape[0])[:, None] * z_axis[None, :]
-    positions = origins @ (z_axis / z_length)
+    positions = origins @ normal
     # A stable id per file so outputs and splits can refer to a NIfTI like to a DICOM series.
     series_uid = "nifti-" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
     stem = nifti_stem(path)
