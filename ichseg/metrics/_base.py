@@ -33,6 +33,19 @@ def check_pair(y_true: Any, y_prob: Any) -> tuple[np.ndarray, np.ndarray]:
     return t, p
 
 
+def check_multiclass(y_true: Any, y_prob: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``(N,)`` integer classes against ``(N, K)`` finite probabilities."""
+    y = np.asarray(y_true)
+    p = np.asarray(y_prob, dtype=np.float64)
+    if p.ndim != 2 or y.shape != (p.shape[0],):
+        raise ValueError(f"y_true {y.shape} must be (N,) and y_prob {p.shape} (N, K)")
+    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= p.shape[1]):
+        raise ValueError(f"y_true must hold integer classes in [0, {p.shape[1]})")
+    if not np.isfinite(p).all():
+        raise ValueError("y_prob must be finite")
+    return y.astype(np.int64), p
+
+
 def divide(num: Any, den: Any) -> np.ndarray:
     """Elementwise ``num / den`` with NaN where ``den == 0``."""
     num = np.asarray(num, dtype=np.float64)

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from ichseg.metrics._base import check_pair, has_both_labels, nanmean, to_jsonable
+from ichseg.metrics._base import check_multiclass, check_pair, has_both_labels, nanmean, to_jsonable
 from ichseg.metrics.auroc import auroc, average_precision
 from ichseg.metrics.bootstrap import bootstrap_distribution, percentile_interval
 from ichseg.metrics.logloss import multiclass_log_loss, rsna_weighted_log_loss
-from ichseg.metrics.multiclass import check_multiclass, multiclass_metrics
+from ichseg.metrics.multiclass import multiclass_metrics
 from ichseg.metrics.series import aggregate_by_series
 from ichseg.metrics.thresholds import threshold_metrics
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ichseg.metrics._base import check_pair
+from ichseg.metrics._base import check_multiclass, check_pair
 from ichseg.volume import RSNA_WEIGHTS
 
 LOG_LOSS_EPS = 1e-15
@@ -56,8 +56,6 @@ def multiclass_log_loss(y_true: Any, y_prob: Any, eps: float = LOG_LOSS_EPS) -> 
         y_prob: ``(N, K)`` class probabilities (rows summing to one).
         eps: clipping that keeps a confident mistake finite.
     """
-    from ichseg.metrics.multiclass import check_multiclass
-
     y, p = check_multiclass(y_true, y_prob)
     if y.size == 0:
         return float("nan")

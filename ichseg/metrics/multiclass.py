@@ -7,21 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ichseg.metrics._base import divide, nanmean
+from ichseg.metrics._base import check_multiclass, divide, nanmean
 from ichseg.metrics.auroc import auroc
-
-
-def check_multiclass(y_true: Any, y_prob: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Validate ``(N,)`` integer classes against ``(N, K)`` finite probabilities."""
-    y = np.asarray(y_true)
-    p = np.asarray(y_prob, dtype=np.float64)
-    if p.ndim != 2 or y.shape != (p.shape[0],):
-        raise ValueError(f"y_true {y.shape} must be (N,) and y_prob {p.shape} (N, K)")
-    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= p.shape[1]):
-        raise ValueError(f"y_true must hold integer classes in [0, {p.shape[1]})")
-    if not np.isfinite(p).all():
-        raise ValueError("y_prob must be finite")
-    return y.astype(np.int64), p
+from ichseg.metrics.logloss import multiclass_log_loss
 
 
 def multiclass_confusion(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
@@ -49,8 +37,6 @@ def multiclass_metrics(
     Returns:
         Numpy-valued dict; :func:`ichseg.metrics.evaluation.evaluate_multiclass` adds CIs.
     """
-    from ichseg.metrics.logloss import multiclass_log_loss
-
     y, p = check_multiclass(y_true, y_prob)
     k = p.shape[1]
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
