@@ -52,8 +52,10 @@ def _import_graph() -> dict[str, set[str]]:
                 while target and target not in modules:
                     target = target.rpartition(".")[0]
                 # A package's __init__ importing its own submodules is how it exports them.
-                if target and target != name and not (
-                    path.name == "__init__.py" and target.startswith(name + ".")
+                if (
+                    target
+                    and target != name
+                    and not (path.name == "__init__.py" and target.startswith(name + "."))
                 ):
                     graph[name].add(target)
     return graph

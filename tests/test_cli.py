@@ -119,3 +119,49 @@ def test_train_segmenter_from_yaml(tmp_path: Path):
     bad.write_text("model: {epoks: 3}\n")
     result = runner.invoke(app, ["train-segmenter", str(tmp_path / "r3"), "--config", str(bad)])
     assert result.exit_code == 2 and "model.epoks" in result.output
+
+
+def test_evaluate_val_is_labelled_and_keeps_the_test_report(trained_run: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    test_report = (run / "eval" / "test" / "metrics.json").read_bytes()
+    result = runner.invoke(app, ["evaluate", str(run), "--split", "val"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("val: ")
+    assert (run / "eval" / "val" / "metrics.json").exists()
+    assert (run / "eval" / "test" / "metrics.json").read_bytes() == test_report
+    assert "validation split" in (run / "eval" / "val" / "report.md").read_text()
+
+
+def test_train_refuses_a_run_folder_of_another_config(trained_run: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = tmp_path / "c.yaml"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["train"]["lr"] = 0.123
+    config.write_text(yaml.safe_dump(saved))
+    for extra in ([], ["--resume"]):
+        result = runner.invoke(app, ["train", str(run), "--config", str(config), *extra])
+        assert result.exit_code == 2, result.output
+        assert "another config" in result.output and "train.lr" in result.output
+
+
+def test_empty_config_and_file_as_output_fail_at_once(tmp_path: Path, trained_run: Path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    result = runner.invoke(app, ["train", str(tmp_path / "run"), "--config", str(empty)])
+    assert result.exit_code == 2 and "config file is empty" in result.output
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    for command in (
+        ["train", str(a_file)],
+        ["predict", str(trained_run), str(tmp_path), str(a_file)],
+    ):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, command
+        assert "exists and is not a folder" in result.output
+        assert "Traceback" not in result.output

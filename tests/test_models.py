@@ -206,3 +206,15 @@ def test_pretrained_true_uses_download_and_adapts(monkeypatch) -> None:
     assert calls == [("timm", "resnet18")]
     assert model.backbone.conv1.weight.shape == (64, 9, 7, 7)
     assert torch.equal(model.backbone.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+
+
+def test_logits_are_fp32_under_bf16_autocast() -> None:
+    """bf16 logits have 8 significant bits: close scores would tie and bias AUROC."""
+    model = create_model("resnet18", in_channels=3, num_classes=6).eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.rand(4, 3, 64, 64))
+    assert logits.dtype == torch.float32
+    # Distinct inputs give distinct scores, not a handful of bf16 values.
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        many = model(torch.rand(64, 3, 32, 32))[:, 0]
+    assert len(set(many.tolist())) == 64
