@@ -237,24 +237,14 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(load_raw(base_path, _seen + (path,)), data)
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        message = f"unknown key '{location}'"
-    else:
-        message = f"'{location}': {first['msg']}"
-    more = len(error.errors()) - 1
-    suffix = f" (and {more} more problem(s))" if more else ""
-    return f"{source}: {message}{suffix}"
-
-
 def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a merged mapping into a :class:`RunConfig`, with one-line errors."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, source)) from None
+        from ichseg.options import format_validation_error
+
+        raise ConfigError(format_validation_error(error, source)) from None
 
 
 def parse_override(text: str) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from ichseg.engine.checkpoint import CONFIG_FILE, EVAL_DIR, HISTORY_JSONL, SPLIT
 from ichseg.errors import ConfigError, InputError
 from ichseg.fileio import new_figure, save_figure, write_csv, write_json, write_text
 from ichseg.metrics import nanmean
+from ichseg.options import look_up_option
 from ichseg.volume import SUBTYPES
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,7 @@ def resolve_rung(
         path = packaged_config(str(path))
     data = load_raw(path)
     if profile:
-        if profile not in PROFILES:
-            raise ConfigError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+        look_up_option("profile", profile, PROFILES)
         data = deep_merge(data, load_raw(packaged_config(f"profiles/{profile}.yaml")))
     for override in overrides or []:
         data = deep_merge(data, parse_override(override))

@@ -32,6 +32,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import optimize, special
 
+from ichseg.options import look_up_option
+
 METHODS = ("none", "temperature", "isotonic")
 TASKS = ("multilabel", "multiclass")
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -264,10 +266,8 @@ class Calibrator:
     eps: float = EPS
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown calibration method {self.method!r}; valid: {METHODS}")
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; valid: {TASKS}")
+        look_up_option("calibration method", self.method, METHODS, ValueError)
+        look_up_option("task", self.task, TASKS, ValueError)
         if self.n_classes < 1:
             raise ValueError(f"n_classes must be at least 1, got {self.n_classes}")
         if not 0.0 < self.eps < 0.5:
@@ -340,10 +340,8 @@ class Calibrator:
             bounds: temperature range.
             eps: probability clipping used later by :meth:`apply`.
         """
-        if method not in METHODS:
-            raise ValueError(f"unknown calibration method {method!r}; valid: {METHODS}")
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; valid: {TASKS}")
+        look_up_option("calibration method", method, METHODS, ValueError)
+        look_up_option("task", task, TASKS, ValueError)
         z = _as_columns(logits, "logits")
         k = z.shape[1]
         if method == "none":

@@ -20,6 +20,7 @@ from ichseg.metrics.logloss import multiclass_log_loss, rsna_weighted_log_loss
 from ichseg.metrics.multiclass import multiclass_metrics
 from ichseg.metrics.series import aggregate_by_series
 from ichseg.metrics.thresholds import threshold_metrics
+from ichseg.options import look_up_option
 
 LABEL_LEVELS: tuple[str, ...] = ("slice", "series")
 
@@ -124,8 +125,7 @@ def evaluate_multilabel(
         ``macro_classes`` (the fixed class set of every macro average), ``ci`` with
         ``[low, high]`` per key, and ``bootstrap`` bookkeeping (resamples dropped per key).
     """
-    if label_level not in LABEL_LEVELS:
-        raise ValueError(f"label_level must be one of {LABEL_LEVELS}, got {label_level!r}")
+    look_up_option("label level", label_level, LABEL_LEVELS, ValueError)
     t, p = check_pair(y_true, y_prob)
     names = list(class_names)
     if len(names) != t.shape[1]:

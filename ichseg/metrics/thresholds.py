@@ -9,6 +9,7 @@ import numpy as np
 
 from ichseg.metrics._base import as_2d, check_pair, divide, has_both_labels, nanmean, to_jsonable
 from ichseg.metrics.auroc import cumulative_counts
+from ichseg.options import look_up_option
 
 THRESHOLD_RULES: tuple[str, ...] = ("youden", "f1")
 
@@ -25,8 +26,7 @@ def choose_thresholds(y_true: Any, y_prob: Any, rule: str = "youden") -> np.ndar
         ``(K,)`` thresholds (predict positive when ``prob >= threshold``); NaN for a class that
         lacks either label, where no rule is defined (callers decide what to do, visibly).
     """
-    if rule not in THRESHOLD_RULES:
-        raise ValueError(f"unknown threshold rule {rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
+    look_up_option("threshold rule", rule, THRESHOLD_RULES, ValueError)
     t, p = check_pair(y_true, y_prob)
     out = np.full(t.shape[1], np.nan)
     for k in range(t.shape[1]):

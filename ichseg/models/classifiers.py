@@ -158,7 +158,7 @@ def _build_head(
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
-    raise ConfigError(f"unknown head {head!r}; valid: linear, fc_bn")
+    raise ConfigError(f"unknown head {head!r}")  # create_model validates it first
 
 
 class ClassifierModel(nn.Module):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ichseg.errors import ConfigError
 from ichseg.models.registry import get_model_builder
+from ichseg.options import look_up_option
 
 if TYPE_CHECKING:
     from ichseg.models.classifiers import ClassifierModel
@@ -47,8 +48,7 @@ def create_model(
         raise ConfigError(f"in_channels must be a positive integer, got {in_channels!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if head not in HEADS:
-        raise ConfigError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
+    look_up_option("head", head, HEADS)
     if not 0.0 <= float(dropout) < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
     if head == "fc_bn" and (not isinstance(hidden, int) or hidden < 1):

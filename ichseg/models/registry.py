@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ichseg.errors import ConfigError
+from ichseg.options import look_up_option
 
 
 @dataclass
@@ -76,8 +76,4 @@ def get_model_builder(name: str) -> ModelBuilder:
     Raises:
         ConfigError: unknown name; the message lists the valid ones.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        valid = ", ".join(sorted(_REGISTRY))
-        raise ConfigError(f"unknown model {name!r}; valid: {valid}") from None
+    return _REGISTRY[look_up_option("model", name, _REGISTRY)]

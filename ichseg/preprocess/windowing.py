@@ -52,11 +52,9 @@ def resolve_window(window: str | Window | tuple[float, float] | dict) -> Window:
     if isinstance(window, Window):
         return window
     if isinstance(window, str):
-        try:
-            return STANDARD_WINDOWS[window]
-        except KeyError:
-            valid = ", ".join(sorted(STANDARD_WINDOWS))
-            raise ValueError(f"unknown window {window!r}; valid: {valid}") from None
+        from ichseg.options import look_up_option
+
+        return STANDARD_WINDOWS[look_up_option("window", window, STANDARD_WINDOWS, ValueError)]
     if isinstance(window, dict):
         return Window(float(window["center"]), float(window["width"]))
     center, width = window

@@ -20,6 +20,7 @@ from scipy import ndimage as ndi
 
 from ichseg.config import MaskingConfig
 from ichseg.errors import ConfigError
+from ichseg.options import look_up_option
 from ichseg.volume import AIR_HU, CTVolume
 
 BACKGROUND_VALUES: dict[str, float] = {"air": AIR_HU, "min": 0.0}
@@ -90,8 +91,7 @@ def apply_mask(
     Returns:
         A new array of the same shape and dtype as ``images``.
     """
-    if mode not in BACKGROUND_VALUES:
-        raise ValueError(f"mode must be one of {sorted(BACKGROUND_VALUES)}, got {mode!r}")
+    look_up_option("background mode", mode, BACKGROUND_VALUES, ValueError)
     images = np.asarray(images)
     keep = _broadcast_mask(images, dilate_mask(mask, dilation_mm, spacing))
     return np.where(keep, images, np.asarray(BACKGROUND_VALUES[mode], dtype=images.dtype))

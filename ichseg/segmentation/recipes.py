@@ -14,6 +14,7 @@ from pydantic import Field
 
 from ichseg.config import StrictModel, deep_merge, load_raw, parse_override
 from ichseg.errors import ConfigError, InputError
+from ichseg.options import format_validation_error
 
 
 class SegmenterPhantomData(StrictModel):
@@ -42,9 +43,9 @@ class SegmenterRunConfig(StrictModel):
         try:
             return SegmenterConfig.model_validate(self.model)
         except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"model.{where}: {first['msg']}") from None
+            raise ConfigError(
+                format_validation_error(error, "segmenter config", "model.")
+            ) from None
 
 
 def load_segmenter_run(path: str | Path | None, overrides: list[str] | None = None):
@@ -57,10 +58,7 @@ def load_segmenter_run(path: str | Path | None, overrides: list[str] | None = No
     try:
         run = SegmenterRunConfig.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        kind = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise ConfigError(f"{path or 'config'}: {kind} '{where}'") from None
+        raise ConfigError(format_validation_error(error, str(path or "config"))) from None
     run.segmenter_config()  # fail early on bad model keys
     return run
 
