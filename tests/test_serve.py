@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from ichseg.serve import UploadLimits, create_app
+from ichseg.volume import SUBTYPES
 
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (pip install -e '.[dev]')")
 
@@ -138,14 +139,7 @@ def test_dicom_series_upload_equals_predict(
 
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["class_names"] == [
-        "any",
-        "epidural",
-        "intraparenchymal",
-        "intraventricular",
-        "subarachnoid",
-        "subdural",
-    ]
+    assert body["class_names"] == list(SUBTYPES)
     _assert_rows_equal(body["series"], expected.series_rows, PATH_FIELDS)
     _assert_rows_equal(body["slices"], expected.slice_rows, PATH_FIELDS)
     assert {row["source"] for row in body["series"]} == {"upload"}
