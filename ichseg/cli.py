@@ -356,6 +356,45 @@ def train_segmenter_command(
     typer.echo(f"best checkpoint: {checkpoint}")
 
 
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[Path, typer.Argument(help="Training run folder or exported bundle.")],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (anything but loopback exposes uploads).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: a free one).")] = 8000,
+    segmenter: Annotated[Path | None, typer.Option(help="Override the U-Net checkpoint.")] = None,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest upload in MiB.")] = 512.0,
+    max_file_mb: Annotated[
+        float | None, typer.Option(min=0.001, help="Largest single file in MiB (default: same).")
+    ] = None,
+    keep_uploads: Annotated[
+        bool, typer.Option(help="Keep each request's temporary folder (holds patient data).")
+    ] = False,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if any).")] = None,
+) -> None:
+    """A web page (and JSON API) to upload a CT and see probabilities, mask and Grad-CAM."""
+    from ichseg.serve import create_app, open_socket, run_app, socket_url
+
+    listener = open_socket(host, port)  # a port in use fails before the model is loaded
+    web_app = create_app(
+        model,
+        segmenter,
+        max_upload_mb,
+        keep_uploads,
+        max_file_mb=max_file_mb,
+        device=device,
+    )
+    typer.echo(f"serving {model} at {socket_url(listener)} (Ctrl+C to stop)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(
+            f"warning: listening on {host}: anyone who can reach it can upload, without login",
+            err=True,
+        )
+    run_app(web_app, listener, log_level="debug" if _state["verbose"] else "info")
+
+
 bundle_app = typer.Typer(help="MONAI bundle export.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 
