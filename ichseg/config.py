@@ -64,6 +64,10 @@ class DataConfig(StrictModel):
     # Regex with a named group `group` applied to each file's path below `root`: the patient
     # id when the files carry none (NIfTI, pictures) or carry the wrong one.
     group_pattern: str | None = None
+    # CSV of scan attributes (age, sex, manufacturer, site, kernel, slice thickness) keyed by
+    # image, series_uid or patient_id: for subgroups and the metadata baseline on data whose
+    # files carry no headers; its values override the headers'.
+    demographics: Path | None = None
     split: SplitConfig = SplitConfig()
     cache_dir: Path | None = None
     # Processes that build the slice cache (None: the CPUs available). Not part of the cache key.
