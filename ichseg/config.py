@@ -166,6 +166,20 @@ class EvalConfig(StrictModel):
     # How slice probabilities become a series probability, in evaluation and in `predict`:
     # max, mean, or topK (mean of the K highest slices).
     aggregation: str = "max"
+    # Subgroup analysis of the evaluated split (eval/<split>/subgroups.json); [] turns it off.
+    subgroups: list[str] = ["age", "sex", "manufacturer", "kernel", "slice_thickness"]
+    # Groups with fewer patients are listed as too small, without figures.
+    subgroup_min_patients: int = Field(10, ge=1)
+
+    @field_validator("subgroups")
+    @classmethod
+    def _known_subgroups(cls, value: list[str]) -> list[str]:
+        from ichseg.metrics.subgroups import SUBGROUP_ATTRIBUTES
+
+        unknown = [name for name in value if name not in SUBGROUP_ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"unknown {unknown}; choose from {', '.join(SUBGROUP_ATTRIBUTES)}")
+        return list(dict.fromkeys(value))
 
     @field_validator("aggregation")
     @classmethod

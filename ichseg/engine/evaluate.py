@@ -4,7 +4,9 @@ The run's own ``splits.json`` decides which patients are in which split, the run
 preprocessing record and segmenter decide the input, and the best checkpoint is scored through
 the same forward path as ``predict``. Thresholds (slice and series) are always chosen on the
 validation split and written to ``thresholds.json``; the evaluated split's figures go to
-``eval/<split>/``, so a validation report never overwrites the test report.
+``eval/<split>/``, so a validation report never overwrites the test report. The report ends
+with a subgroup analysis (age band, sex, scanner, kernel, slice thickness) read from the scan
+attributes the slice cache keeps.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def evaluate_run(
         cache_root: where the slice cache lives.
         progress: progress output while caching.
     """
-    from ichseg.engine.report import write_report
+    from ichseg.engine.report import write_report, write_subgroups
     from ichseg.metrics import evaluate_multiclass, evaluate_multilabel
 
     if split not in EVAL_SPLITS:
@@ -140,6 +142,7 @@ def evaluate_run(
     idx = rows[split]
     groups, series = slices.groups[idx], slices.series[idx]
     n_boot, seed = config.eval.n_boot, config.seed
+    thresholds = None
     if config.task.mode == "multilabel":
         thresholds = choose_run_thresholds(config, slices, rows["val"], val_prob)
         save_thresholds(thresholds, run_dir / THRESHOLDS_FILE)
@@ -170,16 +173,70 @@ def evaluate_run(
         else ("validation split (used to choose thresholds and for early stopping: optimistic)")
     )
     out = run_dir / EVAL_DIR / split
-    write_report(metrics, out, truth, prob, names, config.task.mode, series_ids=series)
-    _write_predictions(out / "predictions.csv", slices, idx, prob, names)
+    sections = []
+    if config.eval.subgroups:
+        result = split_subgroups(config, slices, idx, truth, prob, thresholds)
+        sections.append(write_subgroups(result, out)[1])
+    write_report(
+        metrics, out, truth, prob, names, config.task.mode, series_ids=series, sections=sections
+    )
+    write_predictions(out / "predictions.csv", slices, idx, prob, names)
     return metrics
+
+
+def split_subgroups(
+    config: RunConfig,
+    slices: SliceSet,
+    idx: np.ndarray,
+    truth: np.ndarray,
+    prob: np.ndarray,
+    thresholds: Thresholds | None,
+) -> dict[str, Any]:
+    """Subgroup analysis of the rows ``idx`` (hemorrhage: any) as the config asks for.
+
+    Args:
+        config: the run config (``eval.subgroups``, ``eval.subgroup_min_patients``).
+        slices: the cached slices with their scan attributes.
+        idx: the evaluated rows.
+        truth: their labels (multilabel) or classes (multiclass).
+        prob: their probabilities.
+        thresholds: validation thresholds (multilabel), for sensitivity and specificity.
+    """
+    from ichseg.metrics.subgroups import (
+        SUBGROUP_ATTRIBUTES,
+        binary_any,
+        subgroup_analysis,
+        subgroup_labels,
+    )
+
+    names = config.task.class_names
+    y, score = binary_any(truth, prob, config.task.mode, names)
+    labels = {
+        name: subgroup_labels(name, slices.attribute(SUBGROUP_ATTRIBUTES[name])[idx])
+        for name in config.eval.subgroups
+    }
+    return subgroup_analysis(
+        y,
+        score,
+        slices.groups[idx],
+        labels,
+        series_ids=slices.series[idx],
+        label_level=slices.label_level,
+        aggregation=config.eval.aggregation,
+        threshold=None if thresholds is None else _nan(thresholds.slice.get("any")),
+        series_threshold=None if thresholds is None else _nan(thresholds.series.get("any")),
+        min_patients=config.eval.subgroup_min_patients,
+        n_boot=config.eval.n_boot,
+        seed=config.seed,
+    )
 
 
 def _nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def _write_predictions(path: Path, slices: SliceSet, idx: np.ndarray, prob, names) -> None:
+def write_predictions(path: Path, slices: SliceSet, idx: np.ndarray, prob, names) -> None:
+    """One CSV row per evaluated slice: ids, probabilities and true labels."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
