@@ -171,6 +171,57 @@ def train(
         typer.echo(f"report: {out / 'eval' / 'test' / 'report.md'}")
 
 
+@app.command("lr-find")
+@user_errors
+def lr_find_command(
+    config: ConfigArg = None,
+    overrides: OverrideOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the curve.")] = Path(
+        "lr-find"
+    ),
+    start_lr: Annotated[float, typer.Option(min=0.0, help="First learning rate.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(min=0.0, help="Last learning rate.")] = 10.0,
+    steps: Annotated[int, typer.Option(min=2, help="Mini-batches at most.")] = 100,
+    segmenter: Annotated[
+        Path | None, typer.Option(help="U-Net checkpoint for masked configs.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Learning-rate range test: training loss while the rate grows; suggests a rate.
+
+    Trains a throw-away model for up to STEPS mini-batches of the config's training split and
+    writes lr_find.png, lr_find.csv and lr_find.json; no run is left behind.
+    """
+    from ichseg.config import load_config
+    from ichseg.engine.lr_find import lr_find
+    from ichseg.fileio import check_output_folder
+
+    check_output_folder(out)
+    run_config = load_config(config, overrides)
+    result = lr_find(
+        run_config,
+        out,
+        start_lr=start_lr,
+        end_lr=end_lr,
+        steps=steps,
+        segmenter=segmenter,
+        progress=not quiet,
+    )
+    record = result.record
+    typer.echo(f"suggested lr: {record['suggested_lr']:.2e} ({record['rule']})")
+    typer.echo(
+        f"loss minimum at {record['minimum_lr']:.2e} (minimum / 10: "
+        f"{record['minimum_over_10']:.2e}); tested {record['start_lr']:.0e}.."
+        f"{record['end_lr']:.0e}, {record['steps_run']} of {record['steps_requested']} steps "
+        f"({record['stopped']})"
+    )
+    typer.echo(
+        f"one-cycle with this peak: --set train.scheduler=onecycle "
+        f"--set train.lr={record['suggested_lr']:.2e}"
+    )
+    typer.echo("wrote " + ", ".join(str(p) for p in result.paths))
+
+
 def _print_metrics(metrics: dict[str, Any]) -> None:
     keys = (
         "auroc_any",
