@@ -222,6 +222,49 @@ def lr_find_command(
     typer.echo("wrote " + ", ".join(str(p) for p in result.paths))
 
 
+@app.command("baseline-metadata")
+@user_errors
+def baseline_metadata_command(
+    config: ConfigArg = None,
+    overrides: OverrideOpt = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(help="A training run: its splits.json (and, without --config, its config)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "baseline-metadata"
+    ),
+    trees: Annotated[int, typer.Option(min=1, help="Trees per forest.")] = 300,
+    segmenter: Annotated[
+        Path | None, typer.Option(help="U-Net checkpoint for masked configs.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Random forest on scan attributes only (no pixels): the shortcut a CNN could take.
+
+    Same rows, patient split, metrics and bootstrap CIs as a training run; hyperparameters are
+    chosen on validation and the test split is scored once.
+    """
+    from ichseg.config import load_config
+    from ichseg.engine.baseline import metadata_baseline
+    from ichseg.engine.checkpoint import CONFIG_FILE
+    from ichseg.fileio import check_output_folder
+
+    if config is None and run is None:
+        _fail("give --config or --run")
+    if config is None and run is not None:
+        config = run / CONFIG_FILE
+    check_output_folder(out)
+    run_config = load_config(config, overrides)
+    result = metadata_baseline(
+        run_config, out, run_dir=run, segmenter=segmenter, n_estimators=trees, progress=not quiet
+    )
+    _print_metrics(result.metrics)
+    used = result.record["features_used"]
+    typer.echo(f"features that vary: {', '.join(used) if used else 'none'}")
+    typer.echo(f"report: {out / 'report.md'}")
+
+
 def _print_metrics(metrics: dict[str, Any]) -> None:
     keys = (
         "auroc_any",
