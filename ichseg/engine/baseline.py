@@ -273,11 +273,10 @@ def metadata_baseline(
         progress: progress output while caching.
     """
     from ichseg.engine.cache import build_slices
-    from ichseg.engine.evaluate import choose_run_thresholds, run_preprocessor, write_predictions
+    from ichseg.engine.evaluate import run_preprocessor, score_rows, write_predictions
     from ichseg.engine.report import write_report
     from ichseg.engine.splits import save_splits
     from ichseg.engine.train import make_splits
-    from ichseg.metrics import evaluate_multiclass, evaluate_multilabel
 
     out = Path(out_dir)
     run = Path(run_dir) if run_dir is not None else None
@@ -315,28 +314,7 @@ def metadata_baseline(
     _, chosen, models, val_prob = best
     test_rows = splits["test"]
     prob = _predict_task(models, encoded["test"], mode, len(names))
-    groups, series = slices.groups[test_rows], slices.series[test_rows]
-    if mode == "multilabel":
-        thresholds = choose_run_thresholds(config, slices, splits["val"], val_prob)
-        metrics = evaluate_multilabel(
-            slices.labels[test_rows],
-            prob,
-            class_names=names,
-            groups=groups,
-            series_ids=series,
-            thresholds=[_nan(thresholds.slice[n]) for n in names],
-            series_thresholds=[_nan(thresholds.series[n]) for n in names],
-            aggregation=config.eval.aggregation,
-            label_level=slices.label_level,
-            n_boot=config.eval.n_boot,
-            seed=config.seed,
-        )
-        truth = slices.labels[test_rows]
-    else:
-        truth = targets[test_rows]
-        metrics = evaluate_multiclass(
-            truth, prob, names, groups=groups, n_boot=config.eval.n_boot, seed=config.seed
-        )
+    metrics, truth, _ = score_rows(config, slices, splits["val"], val_prob, test_rows, prob)
     metrics["split"] = "test"
     metrics["scored_on"] = (
         "test split (held out; scored once) by a random forest on scan attributes only"
@@ -367,15 +345,11 @@ def metadata_baseline(
         prob,
         names,
         mode,
-        series_ids=series,
+        series_ids=slices.series[test_rows],
         sections=[baseline_markdown(record)],
     )
     write_predictions(out / "predictions.csv", slices, test_rows, prob, names)
     return BaselineResult(out, metrics, record)
-
-
-def _nan(value: float | None) -> float:
-    return float("nan") if value is None else value
 
 
 def _importances(model: Any, names: list[str]) -> dict[str, float]:

@@ -123,7 +123,6 @@ def evaluate_run(
         progress: progress output while caching.
     """
     from ichseg.engine.report import write_report, write_subgroups
-    from ichseg.metrics import evaluate_multiclass, evaluate_multilabel
 
     if split not in EVAL_SPLITS:
         raise InputError(None, f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
@@ -140,32 +139,9 @@ def evaluate_run(
     val_prob = predict_rows(model, slices, rows["val"], config)
     prob = val_prob if split == "val" else predict_rows(model, slices, rows[split], config)
     idx = rows[split]
-    groups, series = slices.groups[idx], slices.series[idx]
-    n_boot, seed = config.eval.n_boot, config.seed
-    thresholds = None
-    if config.task.mode == "multilabel":
-        thresholds = choose_run_thresholds(config, slices, rows["val"], val_prob)
+    metrics, truth, thresholds = score_rows(config, slices, rows["val"], val_prob, idx, prob)
+    if thresholds is not None:
         save_thresholds(thresholds, run_dir / THRESHOLDS_FILE)
-        metrics = evaluate_multilabel(
-            slices.labels[idx],
-            prob,
-            class_names=names,
-            groups=groups,
-            series_ids=series,
-            thresholds=[_nan(thresholds.slice[n]) for n in names],
-            series_thresholds=[_nan(thresholds.series[n]) for n in names],
-            aggregation=config.eval.aggregation,
-            label_level=slices.label_level,
-            n_boot=n_boot,
-            seed=seed,
-        )
-        truth = slices.labels[idx]
-    else:
-        targets = slices.targets(config.task)
-        metrics = evaluate_multiclass(
-            targets[idx], prob, names, groups=groups, n_boot=n_boot, seed=seed
-        )
-        truth = targets[idx]
     metrics["split"] = split
     metrics["scored_on"] = (
         "test split (held out; scored once)"
@@ -178,10 +154,65 @@ def evaluate_run(
         result = split_subgroups(config, slices, idx, truth, prob, thresholds)
         sections.append(write_subgroups(result, out)[1])
     write_report(
-        metrics, out, truth, prob, names, config.task.mode, series_ids=series, sections=sections
+        metrics,
+        out,
+        truth,
+        prob,
+        names,
+        config.task.mode,
+        series_ids=slices.series[idx],
+        sections=sections,
     )
     write_predictions(out / "predictions.csv", slices, idx, prob, names)
     return metrics
+
+
+def score_rows(
+    config: RunConfig,
+    slices: SliceSet,
+    val_rows: np.ndarray,
+    val_prob: np.ndarray,
+    rows: np.ndarray,
+    prob: np.ndarray,
+) -> tuple[dict[str, Any], np.ndarray, Thresholds | None]:
+    """The ladder's metrics of ``rows``, with thresholds chosen on the validation rows.
+
+    Args:
+        config: the run config (task, eval settings, seed of the bootstrap).
+        slices: the cached slices.
+        val_rows: validation rows and ``val_prob`` their probabilities (thresholds).
+        val_prob: see ``val_rows``.
+        rows: the scored rows and ``prob`` their probabilities.
+        prob: see ``rows``.
+
+    Returns:
+        The metrics, the truth of ``rows`` (labels or classes) and the thresholds (None for
+        multiclass tasks, which use the most probable class).
+    """
+    from ichseg.metrics import evaluate_multiclass, evaluate_multilabel
+
+    names = config.task.class_names
+    groups, series = slices.groups[rows], slices.series[rows]
+    n_boot, seed = config.eval.n_boot, config.seed
+    if config.task.mode == "multiclass":
+        truth = slices.targets(config.task)[rows]
+        metrics = evaluate_multiclass(truth, prob, names, groups=groups, n_boot=n_boot, seed=seed)
+        return metrics, truth, None
+    thresholds = choose_run_thresholds(config, slices, val_rows, val_prob)
+    metrics = evaluate_multilabel(
+        slices.labels[rows],
+        prob,
+        class_names=names,
+        groups=groups,
+        series_ids=series,
+        thresholds=[_nan(thresholds.slice[n]) for n in names],
+        series_thresholds=[_nan(thresholds.series[n]) for n in names],
+        aggregation=config.eval.aggregation,
+        label_level=slices.label_level,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    return metrics, slices.labels[rows], thresholds
 
 
 def split_subgroups(

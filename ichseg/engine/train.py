@@ -230,9 +230,7 @@ class ClassifierTask:
         return {"val_loss": sum(losses) / max(counts, 1), "val_auroc": float(score)}
 
 
-def make_splits(
-    config: RunConfig, slices: SliceSet, run_dir: Path | None
-) -> dict[str, np.ndarray]:
+def make_splits(config: RunConfig, slices: SliceSet, run_dir: Path | None) -> dict[str, np.ndarray]:
     """The run's patient-level split: read from ``splits.json`` when the run has one.
 
     Args:
