@@ -171,6 +171,100 @@ def train(
         typer.echo(f"report: {out / 'eval' / 'test' / 'report.md'}")
 
 
+@app.command("lr-find")
+@user_errors
+def lr_find_command(
+    config: ConfigArg = None,
+    overrides: OverrideOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the curve.")] = Path(
+        "lr-find"
+    ),
+    start_lr: Annotated[float, typer.Option(min=0.0, help="First learning rate.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(min=0.0, help="Last learning rate.")] = 10.0,
+    steps: Annotated[int, typer.Option(min=2, help="Mini-batches at most.")] = 100,
+    segmenter: Annotated[
+        Path | None, typer.Option(help="U-Net checkpoint for masked configs.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Learning-rate range test: training loss while the rate grows; suggests a rate.
+
+    Trains a throw-away model for up to STEPS mini-batches of the config's training split and
+    writes lr_find.png, lr_find.csv and lr_find.json; no run is left behind.
+    """
+    from ichseg.config import load_config
+    from ichseg.engine.lr_find import lr_find
+    from ichseg.fileio import check_output_folder
+
+    check_output_folder(out)
+    run_config = load_config(config, overrides)
+    result = lr_find(
+        run_config,
+        out,
+        start_lr=start_lr,
+        end_lr=end_lr,
+        steps=steps,
+        segmenter=segmenter,
+        progress=not quiet,
+    )
+    record = result.record
+    typer.echo(f"suggested lr: {record['suggested_lr']:.2e} ({record['rule']})")
+    typer.echo(
+        f"loss minimum at {record['minimum_lr']:.2e} (minimum / 10: "
+        f"{record['minimum_over_10']:.2e}); tested {record['start_lr']:.0e}.."
+        f"{record['end_lr']:.0e}, {record['steps_run']} of {record['steps_requested']} steps "
+        f"({record['stopped']})"
+    )
+    typer.echo(
+        f"one-cycle with this peak: --set train.scheduler=onecycle "
+        f"--set train.lr={record['suggested_lr']:.2e}"
+    )
+    typer.echo("wrote " + ", ".join(str(p) for p in result.paths))
+
+
+@app.command("baseline-metadata")
+@user_errors
+def baseline_metadata_command(
+    config: ConfigArg = None,
+    overrides: OverrideOpt = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(help="A training run: its splits.json (and, without --config, its config)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "baseline-metadata"
+    ),
+    trees: Annotated[int, typer.Option(min=1, help="Trees per forest.")] = 300,
+    segmenter: Annotated[
+        Path | None, typer.Option(help="U-Net checkpoint for masked configs.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Random forest on scan attributes only (no pixels): the shortcut a CNN could take.
+
+    Same rows, patient split, metrics and bootstrap CIs as a training run; hyperparameters are
+    chosen on validation and the test split is scored once.
+    """
+    from ichseg.config import load_config
+    from ichseg.engine.baseline import metadata_baseline
+    from ichseg.engine.checkpoint import CONFIG_FILE
+    from ichseg.fileio import check_output_folder
+
+    if config is None and run is None:
+        _fail("give --config or --run")
+    if config is None and run is not None:
+        config = run / CONFIG_FILE
+    check_output_folder(out)
+    run_config = load_config(config, overrides)
+    result = metadata_baseline(
+        run_config, out, run_dir=run, segmenter=segmenter, n_estimators=trees, progress=not quiet
+    )
+    _print_metrics(result.metrics)
+    used = result.record["features_used"]
+    typer.echo(f"features that vary: {', '.join(used) if used else 'none'}")
+    typer.echo(f"report: {out / 'report.md'}")
+
+
 def _print_metrics(metrics: dict[str, Any]) -> None:
     keys = (
         "auroc_any",

@@ -64,6 +64,10 @@ class DataConfig(StrictModel):
     # Regex with a named group `group` applied to each file's path below `root`: the patient
     # id when the files carry none (NIfTI, pictures) or carry the wrong one.
     group_pattern: str | None = None
+    # CSV of scan attributes (age, sex, manufacturer, site, kernel, slice thickness) keyed by
+    # image, series_uid or patient_id: for subgroups and the metadata baseline on data whose
+    # files carry no headers; its values override the headers'.
+    demographics: Path | None = None
     split: SplitConfig = SplitConfig()
     cache_dir: Path | None = None
     # Processes that build the slice cache (None: the CPUs available). Not part of the cache key.
@@ -162,6 +166,20 @@ class EvalConfig(StrictModel):
     # How slice probabilities become a series probability, in evaluation and in `predict`:
     # max, mean, or topK (mean of the K highest slices).
     aggregation: str = "max"
+    # Subgroup analysis of the evaluated split (eval/<split>/subgroups.json); [] turns it off.
+    subgroups: list[str] = ["age", "sex", "manufacturer", "kernel", "slice_thickness"]
+    # Groups with fewer patients are listed as too small, without figures.
+    subgroup_min_patients: int = Field(10, ge=1)
+
+    @field_validator("subgroups")
+    @classmethod
+    def _known_subgroups(cls, value: list[str]) -> list[str]:
+        from ichseg.metrics.subgroups import SUBGROUP_ATTRIBUTES
+
+        unknown = [name for name in value if name not in SUBGROUP_ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"unknown {unknown}; choose from {', '.join(SUBGROUP_ATTRIBUTES)}")
+        return list(dict.fromkeys(value))
 
     @field_validator("aggregation")
     @classmethod

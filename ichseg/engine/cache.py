@@ -6,7 +6,10 @@ Layout of ``<cache_root>/slices-<key>/``::
     shard-00000/           one finished shard (appears by an atomic rename, never half-written)
         images.u8          uint8 (n, W, S, S): the W windows of each cached slice
         index.npz          labels, classes, patient/series ids, SOP UIDs, slice indices,
-                           trainable flags, 2.5D neighbour rows (local to the shard)
+                           trainable flags, 2.5D neighbour rows (local to the shard), and
+                           each slice's row in attributes.json
+        attributes.json    the distinct scan-attribute records of the shard (age, sex,
+                           scanner, ...; see ichseg.io.attributes), one per series at most
         skipped.json       units of this shard that could not be read, with reasons
     done.json              written last: the cache is complete
 
@@ -26,7 +29,7 @@ import os
 import shutil
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from ichseg.fileio import write_json
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: per-slice scan attributes
 SHARD_SLICES = 2048
 """Target slices per shard: small enough to lose little on a kill, large enough to be few."""
 DISK_MARGIN = 1.05
@@ -90,6 +93,8 @@ class SliceSet:
             only as 2.5D neighbours).
         label_level: ``"slice"`` or ``"series"`` (scan-level labels copied to slices).
         folder: the cache folder.
+        attribute_index: ``(N,)`` row of each slice in ``attribute_records`` (-1: none known).
+        attribute_records: distinct scan-attribute records (``ichseg.io.attributes.FIELDS``).
     """
 
     images: ShardedImages
@@ -104,9 +109,19 @@ class SliceSet:
     trainable: np.ndarray
     label_level: str
     folder: Path
+    attribute_index: np.ndarray | None = None
+    attribute_records: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def attribute(self, name: str) -> np.ndarray:
+        """``(N,)`` object array of one scan attribute per slice (None where unknown)."""
+        out = np.full(len(self.labels), None, dtype=object)
+        if self.attribute_index is None or not self.attribute_records:
+            return out
+        values = np.array([r.get(name) for r in self.attribute_records] + [None], dtype=object)
+        return values[self.attribute_index]  # -1 picks the trailing None
 
     def usable(self) -> np.ndarray:
         """Rows that training and evaluation use."""
@@ -309,8 +324,21 @@ def _build_shard(
     preprocessor = preprocessor or Preprocessor.from_parts(data, masking, segmenter, config.name)
     parts: dict[str, list[Any]] = {
         k: []
-        for k in ("images", "labels", "classes", "groups", "series", "sop", "index", "train", "nbr")
+        for k in (
+            "images",
+            "labels",
+            "classes",
+            "groups",
+            "series",
+            "sop",
+            "index",
+            "train",
+            "nbr",
+            "attr",
+        )
     }
+    # Distinct attribute records (JSON text -> row): a volume's slices share one.
+    records: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
     rows = 0
     for unit, item in iter_units(source, units):
@@ -347,6 +375,7 @@ def _build_shard(
         parts["index"].append(where)
         parts["train"].append(trainable[where])
         parts["nbr"].append(local[neighbours[where]])
+        parts["attr"].append(_attribute_rows(item.attributes, where, records))
         rows += where.size
     tmp = Path(folder) / f".{_shard_name(shard)}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
@@ -368,7 +397,9 @@ def _build_shard(
             slice_index=_cat(parts["index"], (0,), np.int64),
             trainable=_cat(parts["train"], (0,), bool),
             neighbours=_cat(parts["nbr"], (0, width), np.int64),
+            attributes=_cat(parts["attr"], (0,), np.int32),
         )
+        write_json(tmp / "attributes.json", [json.loads(text) for text in records])
         meta = {
             "count": int(images.shape[0]),
             "shape": list(images.shape[1:]),
@@ -385,6 +416,23 @@ def _build_shard(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _attribute_rows(
+    attributes: list[dict[str, Any]], where: np.ndarray, records: dict[str, int]
+) -> np.ndarray:
+    """Rows in ``records`` of the stored slices' attributes (-1 when a unit has none)."""
+    if not attributes:
+        return np.full(where.size, -1, dtype=np.int32)
+    seen: dict[int, int] = {}  # id of a record object -> its row, since volumes share one
+    out = np.empty(where.size, dtype=np.int32)
+    for position, z in enumerate(where):
+        record = attributes[z]
+        if id(record) not in seen:
+            text = json.dumps(record, sort_keys=True)
+            seen[id(record)] = records.setdefault(text, len(records))
+        out[position] = seen[id(record)]
+    return out
+
+
 def _cat(arrays: list[np.ndarray], empty_shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(empty_shape, dtype)
 
@@ -394,6 +442,8 @@ def open_slices(folder: str | Path) -> SliceSet:
     folder = Path(folder)
     done = json.loads((folder / "done.json").read_text())
     arrays, indexes, metas = [], [], []
+    records: list[dict[str, Any]] = []
+    attribute_rows: list[np.ndarray] = []
     for i in range(done["shards"]):
         shard = folder / _shard_name(i)
         meta = json.loads((shard / "meta.json").read_text())
@@ -401,8 +451,16 @@ def open_slices(folder: str | Path) -> SliceSet:
             arrays.append(
                 np.memmap(shard / "images.u8", np.uint8, "r", shape=(meta["count"], *meta["shape"]))
             )
-        indexes.append(np.load(shard / "index.npz"))
+        index = np.load(shard / "index.npz")
+        indexes.append(index)
         metas.append(meta)
+        # Caches written before attributes existed have neither file: every slice unknown.
+        local = index["attributes"] if "attributes" in index.files else None
+        if local is None or not (shard / "attributes.json").exists():
+            attribute_rows.append(np.full(meta["count"], -1, dtype=np.int64))
+            continue
+        attribute_rows.append(np.where(local >= 0, local.astype(np.int64) + len(records), -1))
+        records += json.loads((shard / "attributes.json").read_text())
     offsets = np.r_[0, np.cumsum([m["count"] for m in metas])]
     neighbours = np.concatenate(
         [
@@ -428,6 +486,8 @@ def open_slices(folder: str | Path) -> SliceSet:
         trainable=cat("trainable"),
         label_level=metas[0]["label_level"] if metas else "slice",
         folder=folder,
+        attribute_index=np.concatenate(attribute_rows) if attribute_rows else None,
+        attribute_records=records,
     )
 
 

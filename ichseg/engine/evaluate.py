@@ -4,7 +4,9 @@ The run's own ``splits.json`` decides which patients are in which split, the run
 preprocessing record and segmenter decide the input, and the best checkpoint is scored through
 the same forward path as ``predict``. Thresholds (slice and series) are always chosen on the
 validation split and written to ``thresholds.json``; the evaluated split's figures go to
-``eval/<split>/``, so a validation report never overwrites the test report.
+``eval/<split>/``, so a validation report never overwrites the test report. The report ends
+with a subgroup analysis (age band, sex, scanner, kernel, slice thickness) read from the scan
+attributes the slice cache keeps.
 """
 
 from __future__ import annotations
@@ -120,8 +122,7 @@ def evaluate_run(
         cache_root: where the slice cache lives.
         progress: progress output while caching.
     """
-    from ichseg.engine.report import write_report
-    from ichseg.metrics import evaluate_multiclass, evaluate_multilabel
+    from ichseg.engine.report import write_report, write_subgroups
 
     if split not in EVAL_SPLITS:
         raise InputError(None, f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
@@ -138,31 +139,9 @@ def evaluate_run(
     val_prob = predict_rows(model, slices, rows["val"], config)
     prob = val_prob if split == "val" else predict_rows(model, slices, rows[split], config)
     idx = rows[split]
-    groups, series = slices.groups[idx], slices.series[idx]
-    n_boot, seed = config.eval.n_boot, config.seed
-    if config.task.mode == "multilabel":
-        thresholds = choose_run_thresholds(config, slices, rows["val"], val_prob)
+    metrics, truth, thresholds = score_rows(config, slices, rows["val"], val_prob, idx, prob)
+    if thresholds is not None:
         save_thresholds(thresholds, run_dir / THRESHOLDS_FILE)
-        metrics = evaluate_multilabel(
-            slices.labels[idx],
-            prob,
-            class_names=names,
-            groups=groups,
-            series_ids=series,
-            thresholds=[_nan(thresholds.slice[n]) for n in names],
-            series_thresholds=[_nan(thresholds.series[n]) for n in names],
-            aggregation=config.eval.aggregation,
-            label_level=slices.label_level,
-            n_boot=n_boot,
-            seed=seed,
-        )
-        truth = slices.labels[idx]
-    else:
-        targets = slices.targets(config.task)
-        metrics = evaluate_multiclass(
-            targets[idx], prob, names, groups=groups, n_boot=n_boot, seed=seed
-        )
-        truth = targets[idx]
     metrics["split"] = split
     metrics["scored_on"] = (
         "test split (held out; scored once)"
@@ -170,16 +149,125 @@ def evaluate_run(
         else ("validation split (used to choose thresholds and for early stopping: optimistic)")
     )
     out = run_dir / EVAL_DIR / split
-    write_report(metrics, out, truth, prob, names, config.task.mode, series_ids=series)
-    _write_predictions(out / "predictions.csv", slices, idx, prob, names)
+    sections = []
+    if config.eval.subgroups:
+        result = split_subgroups(config, slices, idx, truth, prob, thresholds)
+        sections.append(write_subgroups(result, out)[1])
+    write_report(
+        metrics,
+        out,
+        truth,
+        prob,
+        names,
+        config.task.mode,
+        series_ids=slices.series[idx],
+        sections=sections,
+    )
+    write_predictions(out / "predictions.csv", slices, idx, prob, names)
     return metrics
+
+
+def score_rows(
+    config: RunConfig,
+    slices: SliceSet,
+    val_rows: np.ndarray,
+    val_prob: np.ndarray,
+    rows: np.ndarray,
+    prob: np.ndarray,
+) -> tuple[dict[str, Any], np.ndarray, Thresholds | None]:
+    """The ladder's metrics of ``rows``, with thresholds chosen on the validation rows.
+
+    Args:
+        config: the run config (task, eval settings, seed of the bootstrap).
+        slices: the cached slices.
+        val_rows: validation rows and ``val_prob`` their probabilities (thresholds).
+        val_prob: see ``val_rows``.
+        rows: the scored rows and ``prob`` their probabilities.
+        prob: see ``rows``.
+
+    Returns:
+        The metrics, the truth of ``rows`` (labels or classes) and the thresholds (None for
+        multiclass tasks, which use the most probable class).
+    """
+    from ichseg.metrics import evaluate_multiclass, evaluate_multilabel
+
+    names = config.task.class_names
+    groups, series = slices.groups[rows], slices.series[rows]
+    n_boot, seed = config.eval.n_boot, config.seed
+    if config.task.mode == "multiclass":
+        truth = slices.targets(config.task)[rows]
+        metrics = evaluate_multiclass(truth, prob, names, groups=groups, n_boot=n_boot, seed=seed)
+        return metrics, truth, None
+    thresholds = choose_run_thresholds(config, slices, val_rows, val_prob)
+    metrics = evaluate_multilabel(
+        slices.labels[rows],
+        prob,
+        class_names=names,
+        groups=groups,
+        series_ids=series,
+        thresholds=[_nan(thresholds.slice[n]) for n in names],
+        series_thresholds=[_nan(thresholds.series[n]) for n in names],
+        aggregation=config.eval.aggregation,
+        label_level=slices.label_level,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    return metrics, slices.labels[rows], thresholds
+
+
+def split_subgroups(
+    config: RunConfig,
+    slices: SliceSet,
+    idx: np.ndarray,
+    truth: np.ndarray,
+    prob: np.ndarray,
+    thresholds: Thresholds | None,
+) -> dict[str, Any]:
+    """Subgroup analysis of the rows ``idx`` (hemorrhage: any) as the config asks for.
+
+    Args:
+        config: the run config (``eval.subgroups``, ``eval.subgroup_min_patients``).
+        slices: the cached slices with their scan attributes.
+        idx: the evaluated rows.
+        truth: their labels (multilabel) or classes (multiclass).
+        prob: their probabilities.
+        thresholds: validation thresholds (multilabel), for sensitivity and specificity.
+    """
+    from ichseg.metrics.subgroups import (
+        SUBGROUP_ATTRIBUTES,
+        binary_any,
+        subgroup_analysis,
+        subgroup_labels,
+    )
+
+    names = config.task.class_names
+    y, score = binary_any(truth, prob, config.task.mode, names)
+    labels = {
+        name: subgroup_labels(name, slices.attribute(SUBGROUP_ATTRIBUTES[name])[idx])
+        for name in config.eval.subgroups
+    }
+    return subgroup_analysis(
+        y,
+        score,
+        slices.groups[idx],
+        labels,
+        series_ids=slices.series[idx],
+        label_level=slices.label_level,
+        aggregation=config.eval.aggregation,
+        threshold=None if thresholds is None else _nan(thresholds.slice.get("any")),
+        series_threshold=None if thresholds is None else _nan(thresholds.series.get("any")),
+        min_patients=config.eval.subgroup_min_patients,
+        n_boot=config.eval.n_boot,
+        seed=config.seed,
+    )
 
 
 def _nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def _write_predictions(path: Path, slices: SliceSet, idx: np.ndarray, prob, names) -> None:
+def write_predictions(path: Path, slices: SliceSet, idx: np.ndarray, prob, names) -> None:
+    """One CSV row per evaluated slice: ids, probabilities and true labels."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(

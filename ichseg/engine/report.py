@@ -216,6 +216,7 @@ def write_report(
     class_names: Sequence[str],
     task: str,
     series_ids: Any = None,
+    sections: Sequence[str] = (),
 ) -> list[Path]:
     """Write metrics.json, report.md, roc_curves.png and confusion_matrices.png.
 
@@ -228,6 +229,7 @@ def write_report(
         task: ``"multilabel"`` or ``"multiclass"``.
         series_ids: ``(N,)`` series of each row; with scan-level labels the ROC curves are
             drawn for series (aggregated as the metrics say).
+        sections: further markdown sections appended to report.md (subgroups, baselines).
 
     Returns:
         The written paths, in the order above.
@@ -254,7 +256,130 @@ def write_report(
     paths.append(out / "confusion_matrices.png")
     text = json.dumps(to_jsonable(metrics), indent=2, allow_nan=False)
     _atomic_write(paths[0], (text + "\n").encode())
-    _atomic_write(paths[1], _markdown(metrics, task).encode())
+    text_md = "\n".join([_markdown(metrics, task), *sections])
+    _atomic_write(paths[1], text_md.encode())
     save_figure(_roc_figure(truth, prob, names, aucs), paths[2], dpi=120, bbox_inches="tight")
     save_figure(_confusion_figure(metrics, names, task), paths[3], dpi=120, bbox_inches="tight")
     return paths
+
+
+def _group_label(variable: str, entry: dict[str, Any]) -> str:
+    return f"{variable.replace('_', ' ')}: {entry['group']}"
+
+
+def subgroup_markdown(result: dict[str, Any]) -> str:
+    """The subgroup section of report.md from :func:`ichseg.metrics.subgroups.subgroup_analysis`."""
+    boot = result.get("bootstrap", {})
+    level = _ci_level(result)
+    headline = "slice" if result.get("level") == "slice" else "series"
+    lines = [
+        "## Subgroups",
+        "",
+        f"AUROC (any) per {headline} in each subgroup, with {level} % percentile bootstrap "
+        f"intervals over the subgroup's patients ({boot.get('n_boot')} resamples); sensitivity "
+        "and specificity at the validation threshold. Groups with fewer than "
+        f"{result.get('min_patients')} patients are listed as too small, without figures. "
+        "Intervals are per group, not corrected for the number of groups compared; a patient "
+        "with scans in two groups counts in both. Figure: subgroups.png.",
+        "",
+    ]
+    overall = result.get("overall", {})
+    lines += [
+        f"All patients: AUROC {_fmt_ci(overall.get('auroc'), overall.get('ci'))}, "
+        f"{overall.get('n_patients')} patients.",
+        "",
+    ]
+    header = ["group", "patients (+)", "slices", "AUROC [CI]", "sens", "spec", "status"]
+    with_series = headline == "slice" and any(
+        "series" in entry for entries in result.get("variables", {}).values() for entry in entries
+    )
+    if with_series:
+        header.insert(4, "series AUROC [CI]")
+    for variable, entries in result.get("variables", {}).items():
+        rows = []
+        for entry in entries:
+            scored = entry.get("status") != "too small"
+            row = [
+                str(entry["group"]),
+                f"{entry['n_patients']} ({entry['n_positive_patients']})",
+                str(entry["n_slices"]),
+                _fmt_ci(entry.get("auroc"), entry.get("ci")) if scored else "",
+                _fmt(entry.get("sensitivity")) if scored else "",
+                _fmt(entry.get("specificity")) if scored else "",
+                str(entry.get("status")),
+            ]
+            if with_series:
+                series = entry.get("series") or {}
+                row.insert(4, _fmt_ci(series.get("auroc"), series.get("ci")) if scored else "")
+            rows.append(row)
+        lines += [f"### {variable.replace('_', ' ')}", ""] + _table(header, rows) + [""]
+    return "\n".join(lines)
+
+
+def forest_figure(result: dict[str, Any]) -> Any:
+    """AUROC (any) with its interval per subgroup; the whole split as a reference line."""
+    entries = [
+        (variable, entry)
+        for variable, group in result.get("variables", {}).items()
+        for entry in group
+    ]
+    overall = result.get("overall", {}).get("auroc")
+    lows = [
+        entry["ci"][0]
+        for _, entry in entries
+        if entry.get("status") == "ok" and (entry.get("ci") or [None])[0] is not None
+    ]
+    left = min([0.5, *lows, *([overall] if overall is not None else [])]) - 0.02
+    fig = new_figure(figsize=(7.5, 1.4 + 0.32 * max(len(entries), 1)))
+    ax = fig.add_subplot()
+    labels, previous = [], None
+    for row, (variable, entry) in enumerate(entries):
+        y = len(entries) - 1 - row
+        if previous is not None and variable != previous:
+            ax.axhline(y + 0.5, color="lightgrey", linewidth=0.6)
+        previous = variable
+        labels.append(f"{_group_label(variable, entry)} (n={entry['n_patients']})")
+        value, ci = entry.get("auroc"), entry.get("ci") or [None, None]
+        if entry.get("status") != "ok" or value is None:
+            status = entry.get("status", "n/a")
+            ax.text(left + 0.01, y, status, va="center", fontsize="small", color="grey")
+            continue
+        if ci[0] is not None and ci[1] is not None:
+            ax.plot([ci[0], ci[1]], [y, y], color="tab:blue", linewidth=1.5)
+        ax.plot([value], [y], marker="s", color="tab:blue")
+    if overall is not None:
+        ax.axvline(
+            overall,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"all patients {overall:.3f}",
+        )
+    ax.axvline(0.5, color="grey", linestyle=":", linewidth=0.8, label="chance")
+    ax.set_yticks(range(len(entries)), labels[::-1], fontsize="small")
+    ax.set_ylim(-0.6, len(entries) - 0.4)
+    ax.set_xlim(left, 1.01)
+    ax.set_xlabel(f"AUROC (any) per {result.get('level', 'slice')}, {_ci_level(result)} % CI")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _ci_level(result: dict[str, Any]) -> int:
+    return int(round(100 * (1 - result.get("bootstrap", {}).get("alpha", 0.05))))
+
+
+def write_subgroups(result: dict[str, Any], out_dir: str | Path) -> tuple[list[Path], str]:
+    """Write subgroups.json and the forest plot subgroups.png; return them and the markdown.
+
+    Args:
+        result: output of :func:`ichseg.metrics.subgroups.subgroup_analysis`.
+        out_dir: the evaluation folder.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "subgroups.json", out / "subgroups.png"]
+    text = json.dumps(to_jsonable(result), indent=2, allow_nan=False)
+    _atomic_write(paths[0], (text + "\n").encode())
+    save_figure(forest_figure(result), paths[1], dpi=120, bbox_inches="tight")
+    return paths, subgroup_markdown(result)

@@ -22,6 +22,8 @@ import numpy as np
 
 from ichseg.config import DataConfig
 from ichseg.errors import ConfigError, InputError
+from ichseg.io.attributes import Demographics, merge, read_demographics, volume_attributes
+from ichseg.io.nifti import nifti_stem
 from ichseg.volume import SUBTYPES, CTVolume
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class LabelledSlices:
         series: series id per slice.
         sop_uids: SOPInstanceUID per slice (file name for pictures).
         warnings: why anything was skipped or assumed.
+        attributes: scan attributes per slice (``ichseg.io.attributes``; one shared record for
+            a volume); empty when none are known.
     """
 
     volume: CTVolume | None
@@ -68,6 +72,7 @@ class LabelledSlices:
     series: list[str]
     sop_uids: list[str]
     warnings: list[str] = field(default_factory=list)
+    attributes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _group_from_pattern(pattern: str | None, path: Path, root: Path | None) -> str | None:
@@ -93,6 +98,18 @@ class Source:
     def __init__(self, data: DataConfig, cache_root: Path) -> None:
         self.data = data
         self.cache_root = cache_root
+        # Read at once, so a bad table fails before any slice is cached.
+        self._demographics: Demographics | None = (
+            read_demographics(data.demographics) if data.demographics is not None else None
+        )
+
+    def demographics(
+        self, images: list[str], series: str | None, patient: str | None
+    ) -> dict[str, Any] | None:
+        """The demographics CSV's record for these keys (None without a CSV or a match)."""
+        if self._demographics is None:
+            return None
+        return self._demographics.lookup(images, series, patient)
 
     def identity(self) -> dict[str, Any]:
         """What identifies the data (part of the cache key)."""
@@ -112,11 +129,28 @@ def _stat(path: Path | None) -> list[Any] | None:
     return [str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size]
 
 
+# Version of the generated phantom folder's tables: 2 added the manifest's demographics and
+# scanner columns (the pixels are unchanged), so folders generated before are not reused.
+_PHANTOM_LAYOUT = 2
+
+# Manifest column -> the DICOM keyword the same value has in a phantom's headers.
+_PHANTOM_HEADERS = {
+    "patient_age": "PatientAge",
+    "patient_sex": "PatientSex",
+    "manufacturer": "Manufacturer",
+    "model_name": "ManufacturerModelName",
+    "convolution_kernel": "ConvolutionKernel",
+    "kvp": "KVP",
+    "tube_current_ma": "XRayTubeCurrent",
+    "slice_thickness_mm": "SliceThickness",
+}
+
+
 class PhantomSource(Source):
     """Synthetic studies generated once into ``cache_root/phantom-<key>`` (NIfTI + labels)."""
 
     def _folder(self) -> Path:
-        spec = self.data.phantom.model_dump()
+        spec = self.data.phantom.model_dump() | {"layout": _PHANTOM_LAYOUT}
         key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
         return self.cache_root / f"phantom-{key}"
 
@@ -154,6 +188,8 @@ class PhantomSource(Source):
         table = _phantom_slice_labels(str(folder / "slices.csv"))
         volume = read_nifti(folder / row["ct_nifti"], patient_id=row["patient_id"])
         volume.series_uid = row["series_uid"]
+        # The NIfTI has no header: the manifest gives what the study's DICOM headers say.
+        volume.metadata.update({key: row.get(column) for column, key in _PHANTOM_HEADERS.items()})
         labels = np.stack([table[(row["study_id"], z)] for z in range(volume.num_slices)])
         n = volume.num_slices
         return LabelledSlices(
@@ -164,6 +200,7 @@ class PhantomSource(Source):
             [row["patient_id"]] * n,
             [row["series_uid"]] * n,
             [f"{row['study_id']}_{z}" for z in range(n)],
+            attributes=[volume_attributes(volume)] * n,
         )
 
 
@@ -208,6 +245,7 @@ class CTFileSource(Source):
             "root": _stat(self.data.root),
             "labels": _stat(self.data.labels),
             "group_pattern": self.data.group_pattern,
+            "demographics": _stat(self.data.demographics),
         }
 
     def units(self) -> list[Unit]:
@@ -237,6 +275,7 @@ class CTFileSource(Source):
         if np.isnan(labels[:, 0]).all():
             warnings.append(f"no labels for any slice of {volume.source}")
         n = volume.num_slices
+        attributes = self._volume_attributes(volume, kind, payload, warnings)
         return LabelledSlices(
             volume,
             [],
@@ -246,7 +285,20 @@ class CTFileSource(Source):
             [volume.series_uid] * n,
             list(volume.sop_uids),
             warnings,
+            [attributes] * n,
         )
+
+    def _volume_attributes(
+        self, volume: CTVolume, kind: str, payload: Any, warnings: list[str]
+    ) -> dict[str, Any]:
+        names: list[str] = []
+        if kind == "nifti":
+            path = Path(payload)
+            names = [_relative_name(path, self.data.root), path.name, nifti_stem(path)]
+        found = self.demographics(names, volume.series_uid, volume.patient_id)
+        if found is None and self.data.demographics is not None:
+            warnings.append(f"no row of {self.data.demographics} for {volume.source}")
+        return merge(volume_attributes(volume), found)
 
 
 def _labels_for_volume(volume: CTVolume, table, fmt: str) -> np.ndarray:
@@ -301,6 +353,7 @@ class ImageSource(Source):
             "labels": _stat(self.data.labels),
             "listing": listing.hexdigest(),
             "group_pattern": self.data.group_pattern,
+            "demographics": _stat(self.data.demographics),
         }
 
     def class_names(self) -> list[str] | None:
@@ -324,6 +377,15 @@ class ImageSource(Source):
         classes = index.multiclass_targets()[0][start:stop] if index.task == "multiclass" else None
         paths = index.paths[start:stop]
         groups = [str(g) for g in index.groups[start:stop]]
+        names = [str(p.relative_to(index.root)) for p in paths]
+        warnings: list[str] = []
+        attributes: list[dict[str, Any]] = []
+        if self.data.demographics is not None:
+            for path, name, group in zip(paths, names, groups, strict=True):
+                found = self.demographics([Path(name).as_posix(), path.name], None, group)
+                if found is None:
+                    warnings.append(f"no row of {self.data.demographics} for {name}")
+                attributes.append(merge({}, found))
         return LabelledSlices(
             None,
             list(paths),
@@ -331,8 +393,17 @@ class ImageSource(Source):
             classes,
             groups,
             groups,
-            [str(p.relative_to(index.root)) for p in paths],
+            names,
+            warnings,
+            attributes,
         )
+
+
+def _relative_name(path: Path, root: Path | None) -> str:
+    try:
+        return path.resolve().relative_to(Path(root).resolve()).as_posix() if root else path.name
+    except ValueError:
+        return path.name
 
 
 def make_source(data: DataConfig, cache_root: Path) -> Source:

@@ -230,11 +230,17 @@ class ClassifierTask:
         return {"val_loss": sum(losses) / max(counts, 1), "val_auroc": float(score)}
 
 
-def make_splits(config: RunConfig, slices: SliceSet, run_dir: Path) -> dict[str, np.ndarray]:
-    """The run's patient-level split: read from ``splits.json`` when the run has one."""
+def make_splits(config: RunConfig, slices: SliceSet, run_dir: Path | None) -> dict[str, np.ndarray]:
+    """The run's patient-level split: read from ``splits.json`` when the run has one.
+
+    Args:
+        config: the config (``data.split``) that decides the split otherwise.
+        slices: the cached slices.
+        run_dir: a run folder whose ``splits.json`` is used when present; None: the config's.
+    """
     usable = slices.usable()
-    path = run_dir / SPLITS_FILE
-    if path.exists():
+    path = run_dir / SPLITS_FILE if run_dir is not None else None
+    if path is not None and path.exists():
         rows = load_splits(path, slices.groups[usable])
         return {name: usable[idx] for name, idx in rows.items()}
     s = config.data.split

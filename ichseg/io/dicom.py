@@ -90,6 +90,14 @@ _HEADER_TAGS = [
     "PixelPaddingValue",
     "RescaleIntercept",
     "RescaleSlope",
+    # Scan attributes kept for subgroup analysis and the metadata-only baseline.
+    "ManufacturerModelName",
+    "InstitutionName",
+    "XRayTubeCurrent",
+    "Exposure",
+    "PatientPosition",
+    "WindowCenter",
+    "WindowWidth",
 ]
 
 _TRANSFER_SYNTAX_NAMES = {
@@ -232,6 +240,21 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
+def _text(value: Any) -> str:
+    """A (multi-valued) element as text; values joined with a backslash as DICOM stores them."""
+    if value is None:
+        return ""
+    if isinstance(value, str | int | float):
+        return str(value).strip()
+    return "\\".join(str(v).strip() for v in value)
+
+
+def _first_float(value: Any) -> float | None:
+    """The first number of a (multi-valued) element, e.g. the first of several window centres."""
+    numbers = _float_tuple(value)
+    return numbers[0] if numbers else None
+
+
 def _quiet_pydicom():
     """Import pydicom with its own logging silenced unless debug logging is on.
 
@@ -327,8 +350,15 @@ def _read_header(path: Path) -> SliceHeader:
         "PatientSex": str(ds.get("PatientSex", "") or ""),
         "KVP": _as_float(ds.get("KVP")),
         "Manufacturer": str(ds.get("Manufacturer", "") or ""),
-        "ConvolutionKernel": str(ds.get("ConvolutionKernel", "") or ""),
+        "ConvolutionKernel": _text(ds.get("ConvolutionKernel")),
         "SliceThickness": _as_float(ds.get("SliceThickness")),
+        "ManufacturerModelName": _text(ds.get("ManufacturerModelName")),
+        "InstitutionName": _text(ds.get("InstitutionName")),
+        "XRayTubeCurrent": _as_float(ds.get("XRayTubeCurrent")),
+        "Exposure": _as_float(ds.get("Exposure")),
+        "PatientPosition": _text(ds.get("PatientPosition")),
+        "WindowCenter": _first_float(ds.get("WindowCenter")),
+        "WindowWidth": _first_float(ds.get("WindowWidth")),
     }
     image_type = ds.get("ImageType") or ()
     if isinstance(image_type, str):

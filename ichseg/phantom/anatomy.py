@@ -33,6 +33,17 @@ _PAINT_ORDER = ("subarachnoid", "intraventricular", "intraparenchymal", "subdura
 _BLEED_ATTEMPTS = 8
 _PSF_SIGMA_MM = 0.45
 
+SCANNERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("GE MEDICAL SYSTEMS", "Revolution CT", ("STANDARD", "SOFT")),
+    ("SIEMENS", "SOMATOM Definition AS", ("H30s", "J40s")),
+    ("TOSHIBA", "Aquilion ONE", ("FC21", "FC26")),
+    ("Philips", "Brilliance 64", ("UB", "UC")),
+)
+"""(Manufacturer, ManufacturerModelName, convolution kernels) a phantom study is attributed to."""
+# Key of the random stream that draws the scanner, apart from the anatomy's stream, so that
+# adding or changing scanner attributes never changes a study's pixels.
+_SCANNER_STREAM = 2
+
 
 @dataclass(frozen=True)
 class PhantomConfig:
@@ -102,6 +113,11 @@ class PhantomStudy:
         pixel_spacing: (row, column) spacing in mm.
         slice_thickness: slice thickness (= spacing) in mm.
         first_position: LPS position of the first voxel of slice 0 (DICOM ImagePositionPatient).
+        patient_age, patient_sex, study_date: demographics (drawn with the anatomy: age and sex
+            shape the head).
+        manufacturer, model_name, convolution_kernel, kvp, tube_current_ma: the scanner the
+            study is attributed to. Headers only: drawn from a stream of their own and
+            independent of pixels and labels, so a model can learn nothing from them.
         bleeds: one description per drawn hemorrhage (subtype, centre, voxels).
     """
 
@@ -117,6 +133,11 @@ class PhantomStudy:
     patient_age: int = 50
     patient_sex: str = "M"
     study_date: str = "20240101"
+    manufacturer: str = SCANNERS[0][0]
+    model_name: str = SCANNERS[0][1]
+    convolution_kernel: str = SCANNERS[0][2][0]
+    kvp: float = 120.0
+    tube_current_ma: int = 250
     bleeds: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -244,7 +265,27 @@ def generate_study(seed: int, config: PhantomConfig | None = None) -> PhantomStu
         patient_sex=sex,
         study_date=study_date,
         bleeds=bleeds,
+        **draw_scanner(seed),
     )
+
+
+def draw_scanner(seed: int) -> dict[str, Any]:
+    """The scanner attributes of study ``seed``: manufacturer, model, kernel, kVp and mA.
+
+    Drawn from their own stream (``default_rng([seed, 2])``), not the anatomy's.
+
+    Args:
+        seed: the study seed.
+    """
+    rng = np.random.default_rng([seed, _SCANNER_STREAM])
+    manufacturer, model, kernels = SCANNERS[int(rng.integers(len(SCANNERS)))]
+    return {
+        "manufacturer": manufacturer,
+        "model_name": model,
+        "convolution_kernel": kernels[int(rng.integers(len(kernels)))],
+        "kvp": float(rng.choice([100.0, 120.0, 120.0, 140.0])),
+        "tube_current_ma": int(rng.integers(15, 36)) * 10,
+    }
 
 
 def _draw_head(rng: np.random.Generator, cfg: PhantomConfig, age: int, sex: str) -> _Head:

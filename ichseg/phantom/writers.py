@@ -38,7 +38,6 @@ TRANSFER_SYNTAXES: dict[str, str] = {
 }
 # Leaves room for a million studies per dataset seed with readable, unique study ids.
 _STUDIES_PER_SEED = 1_000_000
-_KERNELS = ("H30s", "STANDARD", "FC21", "UB", "J40s")
 _POSITION_DECIMALS = 4
 _SLICE_COLUMNS = ("study_id", "patient_id", "series_uid", "sop_uid", "slice_index", "z_mm")
 _MANIFEST_COLUMNS = (
@@ -53,6 +52,14 @@ _MANIFEST_COLUMNS = (
     "positive",
     "subtypes",
     "seed",
+    "patient_age",
+    "patient_sex",
+    "manufacturer",
+    "model_name",
+    "convolution_kernel",
+    "kvp",
+    "tube_current_ma",
+    "slice_thickness_mm",
 )
 
 
@@ -178,9 +185,12 @@ def _patient_metadata(study: PhantomStudy, uids: SeriesUIDs) -> dict[str, object
         "PatientAge": f"{int(study.patient_age):03d}Y",
         "PatientSex": study.patient_sex,
         "StudyDate": study.study_date,
-        "KVP": 120.0,
-        "Manufacturer": "ichseg phantom",
-        "ConvolutionKernel": _KERNELS[study.seed % len(_KERNELS)],
+        "KVP": float(study.kvp),
+        "Manufacturer": study.manufacturer,
+        "ManufacturerModelName": study.model_name,
+        "ConvolutionKernel": study.convolution_kernel,
+        "XRayTubeCurrent": float(study.tube_current_ma),
+        "SliceThickness": float(study.slice_thickness),
         "Modality": "CT",
     }
 
@@ -233,6 +243,7 @@ def _slice_dataset(
     ds.AccessionNumber = ""
     ds.Modality = "CT"
     ds.Manufacturer = patient["Manufacturer"]
+    ds.ManufacturerModelName = patient["ManufacturerModelName"]
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "CT HEAD WITHOUT CONTRAST"
     ds.SeriesDescription = f"Head {study.slice_thickness:g}mm"
@@ -243,7 +254,8 @@ def _slice_dataset(
     ds.PatientAge = patient["PatientAge"]
     ds.BodyPartExamined = "HEAD"
     ds.SliceThickness = _ds(study.slice_thickness, 6)
-    ds.KVP = "120"
+    ds.KVP = _ds(study.kvp)
+    ds.XRayTubeCurrent = int(study.tube_current_ma)
     ds.GantryDetectorTilt = _ds(quirks.gantry_tilt_deg)
     ds.ConvolutionKernel = patient["ConvolutionKernel"]
     ds.PatientPosition = "HFS"
@@ -375,8 +387,8 @@ def write_dataset(
     """Generate ``studies`` phantom studies and write them with their label tables.
 
     Layout under ``out_dir``: ``dicom/<study_id>/*.dcm``, ``nifti/<study_id>_{ct,mask,
-    hemorrhage}.nii.gz``, ``labels_rsna.csv``, ``slices.csv`` and ``manifest.csv`` (paths in
-    the manifest are relative to ``out_dir``).
+    hemorrhage}.nii.gz``, ``labels_rsna.csv``, ``slices.csv`` and ``manifest.csv`` (one row
+    per study with its demographics and scanner attributes; paths relative to ``out_dir``).
 
     Args:
         out_dir: dataset folder, created when missing; nothing is written outside it.
@@ -452,6 +464,14 @@ def write_dataset(
                 int(bool(present)),
                 ";".join(present),
                 s,
+                study.patient_age,
+                study.patient_sex,
+                study.manufacturer,
+                study.model_name,
+                study.convolution_kernel,
+                _ds(study.kvp),
+                study.tube_current_ma,
+                _ds(study.slice_thickness, 6),
             ]
         )
     _write_csv(out_dir / "labels_rsna.csv", ("ID", "Label"), rsna_rows)
