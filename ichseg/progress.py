@@ -89,11 +89,32 @@ def progress(
         leave: keep the finished bar on a terminal.
     """
     if enabled and _on_terminal():
-        from tqdm.auto import tqdm
+        # The plain tqdm class: tqdm.auto's asyncio variant calls iter() on the iterable in its
+        # constructor, which for a DataLoader draws one extra shuffle from the sampler's
+        # generator, so batch order would depend on where the output goes.
+        from tqdm.std import tqdm
 
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave)
     if not enabled:
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=True)
+        return _Silent(iterable)
     return _LineProgress(iterable, total, desc, unit)
+
+
+class _Silent:
+    """The same interface, printing nothing and iterating the iterable exactly once."""
+
+    def __init__(self, iterable: Iterable[Any] | None) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        assert self.iterable is not None
+        return iter(self.iterable)
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -184,3 +184,19 @@ def test_best_checkpoint_loads_with_weights_only(tmp_path: Path):
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["test"])
     assert result.test_metrics is not None and "auroc_any" in result.test_metrics
+
+
+def test_progress_output_never_changes_the_batch_order():
+    """Where progress goes (terminal, log, nowhere) must not draw from the shuffle stream."""
+    from torch.utils.data import DataLoader
+
+    from ichseg.progress import _LineProgress, _Silent
+
+    def first_batches(wrap) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(3)
+        loader = DataLoader(list(range(20)), batch_size=5, shuffle=True, generator=generator)
+        return [[batch.tolist() for batch in wrap(loader)] for _ in range(2)]
+
+    plain = first_batches(lambda loader: loader)
+    assert first_batches(lambda loader: _Silent(loader)) == plain
+    assert first_batches(lambda loader: _LineProgress(loader, None, "x", "b")) == plain

@@ -113,6 +113,10 @@ class TrainTask(Protocol):
         """The resolved config stored in every checkpoint (and compared on resume)."""
         ...
 
+    def canonical_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A stored config validated by today's code (new keys get their defaults)."""
+        ...
+
     def start_epoch(self, epoch: int) -> None:
         """Re-seed samplers and augmentation for ``epoch``."""
         ...
@@ -187,9 +191,10 @@ def _improved(value: float, best: float, mode: str) -> bool:
 
 
 def _check_resume(state: dict[str, Any], task: TrainTask, path: Path) -> None:
-    saved = state.get("config") or {}
     if state.get("kind", task.kind) != task.kind:
         raise ConfigError(f"{path}: holds a {state.get('kind')} run, not a {task.kind} run")
+    # Validated again, so keys added to the config since the run started are not differences.
+    saved = task.canonical_config(state.get("config") or {})
     differences = config_differences(saved, task.config_dict())
     if differences:
         shown = "; ".join(differences[:3]) + (" ..." if len(differences) > 3 else "")
@@ -266,7 +271,7 @@ def fit(
         torch.manual_seed(epoch_seed(settings.seed, epoch))
         np.random.seed(epoch_seed(settings.seed, epoch) % (2**32))
         train_model.train()
-        started, total, seen = time.perf_counter(), 0.0, 0
+        started, total, seen, used_lr = time.perf_counter(), 0.0, 0, 0.0
         bar = progress_bar(
             task.train_batches(),
             total=steps_per_epoch,
@@ -283,6 +288,7 @@ def fit(
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
+            used_lr = optimizer.param_groups[0]["lr"]  # the rate of this step, not the next
             scheduler.step()
             total += float(loss.detach()) * count
             seen += count
@@ -296,7 +302,7 @@ def fit(
             "epoch": epoch + 1,
             "train_loss": total / max(seen, 1),
             **figures,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": used_lr if seen else optimizer.param_groups[0]["lr"],
             "images_per_s": seen / max(train_seconds, 1e-9),
         }
         history.append(row)

@@ -176,6 +176,11 @@ class ClassifierTask:
     def config_dict(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
 
+    def canonical_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        from ichseg.config import validate_config
+
+        return validate_config(saved, "checkpoint").model_dump(mode="json")
+
     def start_epoch(self, epoch: int) -> None:
         seed = epoch_seed(self.config.seed, epoch)
         self.generator.manual_seed(seed)

@@ -135,6 +135,15 @@ class SegmenterTask:
     def config_dict(self) -> dict[str, Any]:
         return self.run_config
 
+    def canonical_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        from ichseg.segmentation.recipes import SegmenterDataConfig
+
+        model = SegmenterConfig.model_validate(saved.get("model", {})).model_dump(mode="json")
+        data = saved.get("data") or {}
+        if data:
+            data = SegmenterDataConfig.model_validate(data).model_dump(mode="json")
+        return {"data": data, "model": model}
+
     def start_epoch(self, epoch: int) -> None:
         from ichseg.engine.loop import epoch_seed
 
