@@ -186,11 +186,11 @@ def test_best_checkpoint_loads_with_weights_only(tmp_path: Path):
     assert result.test_metrics is not None and "auroc_any" in result.test_metrics
 
 
-def test_progress_output_never_changes_the_batch_order():
+def test_progress_output_never_changes_the_batch_order(monkeypatch):
     """Where progress goes (terminal, log, nowhere) must not draw from the shuffle stream."""
     from torch.utils.data import DataLoader
 
-    from ichseg.progress import _LineProgress, _Silent
+    from ichseg import progress as module
 
     def first_batches(wrap) -> list[list[int]]:
         generator = torch.Generator().manual_seed(3)
@@ -198,5 +198,8 @@ def test_progress_output_never_changes_the_batch_order():
         return [[batch.tolist() for batch in wrap(loader)] for _ in range(2)]
 
     plain = first_batches(lambda loader: loader)
-    assert first_batches(lambda loader: _Silent(loader)) == plain
-    assert first_batches(lambda loader: _LineProgress(loader, None, "x", "b")) == plain
+    assert first_batches(lambda loader: module.progress(loader, enabled=False)) == plain
+    monkeypatch.setattr(module, "_on_terminal", lambda: False)
+    assert first_batches(lambda loader: module.progress(loader)) == plain
+    monkeypatch.setattr(module, "_on_terminal", lambda: True)
+    assert first_batches(lambda loader: module.progress(loader)) == plain
