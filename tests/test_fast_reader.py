@@ -257,3 +257,24 @@ def test_flat_folder_copies_are_found_as_series(tmp_path: Path) -> None:
     (volume,) = [v for v in index_input(flat, workers=1).iter_volumes(workers=1)]
     (reference,) = list(index_input(tmp_path / "tree", workers=1).iter_volumes(workers=1))
     assert np.array_equal(volume.hu, reference.hu) and volume.sop_uids == reference.sop_uids
+
+
+def test_the_workers_option_applies_to_one_command(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from ichseg.cli import app
+
+    monkeypatch.delenv("ICHSEG_WORKERS", raising=False)
+    seen: list[int] = []
+    real = workers_module.resolve_workers
+
+    def recording(workers):
+        seen.append(real(workers))
+        return seen[-1]
+
+    monkeypatch.setattr(workers_module, "resolve_workers", recording)
+    write_good(tmp_path)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path), "--workers", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {3}
+    assert "ICHSEG_WORKERS" not in os.environ

@@ -16,6 +16,30 @@ cache. Shards are built by worker processes; a build that is killed keeps its fi
 and the next build makes only the missing ones (the plan is deterministic, so the result is the
 same arrays). Only the windows are stored: 2.5D neighbours are gathered when a sample is read,
 so a context of k costs no extra disk.
+
+Two ways to build, the same arrays:
+
+* **Per slice** (DICOM-only data, no intracranial masking: every preprocessing step works on one
+  slice). Units are files: shard ``i`` is files ``[i * shard_slices, (i + 1) * shard_slices)``
+  of the sorted listing. A worker parses each file once (``ichseg.io.dicom.parse_file``),
+  windows its slice with the run's preprocessor ``PER_SLICE_BATCH`` slices at a time and
+  appends them to the shard's ``images.u8``, and keeps the file's header fields in the shard's
+  ``files.npz`` (``ichseg.io.dicom_table``, ~280 bytes a file). When every shard is done, the
+  series are assembled from those tables with the series reader's rules
+  (``ichseg.io.dicom.series_layout``, one series at a time, no pixels) and one ``index.npz``
+  holds labels, ids, slice order and 2.5D neighbour rows for all rows (rows of slices that no
+  series kept stay in ``images.u8`` but are never trainable). Nothing per file is held in
+  Python objects beyond the compact tables: a worker's memory does not grow with the folder;
+  the building process holds the listing and, at the end, the tables (numbers in
+  ``benchmarks/README.md``). This is the path for the RSNA layout, one flat folder of ~750,000
+  one-slice files whose series are complete only once the whole folder has been read.
+* **Per series** (masked runs, NIfTI, phantoms, pictures). Volume-level steps need the series
+  assembled: the intracranial mask is predicted on the whole volume and the crop box is one
+  per volume. Units are series: headers are read first (``index_input``, in workers), then each
+  worker reads whole series (``read_series``) and preprocesses them. Each DICOM file is parsed
+  twice (header pass, then decoding: about 1.3-1.6x the CPU of one pass) and the header pass
+  keeps one ``SliceHeader`` per file in the building process (measured 2.3 KB each: ~1.7 GB
+  for the RSNA folder), plus the segmenter's time per volume.
 """
 
 from __future__ import annotations

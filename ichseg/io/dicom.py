@@ -1,9 +1,27 @@
-"""DICOM CT series: header-only discovery, geometric sorting and HU conversion.
+"""DICOM CT series: discovery, geometric sorting and HU conversion, in one pass or two.
 
-Discovery reads headers only, so a flat folder of many thousands of one-slice files (the RSNA
-layout) is grouped into series without decoding any pixels. Reading a series sorts its slices by
-position along the slice normal (never by file name or InstanceNumber), applies the RSNA 12-bit
-intercept fix and RescaleSlope/Intercept, and reports geometry quirks as warnings.
+Reading a series sorts its slices by position along the slice normal (never by file name or
+InstanceNumber), applies the RSNA 12-bit intercept fix and RescaleSlope/Intercept, and reports
+geometry quirks as warnings. Two ways to get there give the same volumes:
+
+* two passes (``discover_series``/``index_input`` then ``read_series``): headers only first,
+  so a tree is grouped into series without holding any pixels, then each series decoded when it
+  is read. Each file is parsed twice; the commands that read whole volumes (``predict``,
+  ``segment``, ``inspect``) work this way, with both passes spread over worker processes for
+  large inputs (``ichseg.io.loader``, ``ichseg.io.workers``);
+* one pass (``parse_file``): each file parsed once, its header for grouping and sorting and its
+  pixels decoded from the same read. A series is complete only once every file that may belong
+  to it has been parsed (in the RSNA layout, one flat folder of ~750,000 one-slice files, that
+  is the whole folder), so the pixels cannot wait for their series: the slice cache
+  (``ichseg.engine.cache``) windows each slice as it is parsed and keeps only the header fields
+  (``ichseg.io.dicom_table``), and ``series_layout`` then applies exactly the rules of
+  ``read_series`` to those fields, one series at a time, without pixels.
+
+Per file, one pass costs one ``dcmread`` and the pixel decoding plus converting ~30 header
+elements; element values are converted straight from the raw elements with pydicom's own
+rules (``convert_raw_data_element``) and uncompressed pixels go to pydicom's decoder with their
+options, which avoids ``Dataset.__getitem__``'s bookkeeping and the second conversion of the
+pixel module; ``benchmarks/README.md`` has the figures.
 
 What happens to a bad file (the same rule in every command):
 
@@ -336,6 +354,8 @@ class _Values:
 
         self.ds = ds
         self.encoding = ds.original_character_set or default_encoding
+        encoding = self.encoding
+        self.encoding_key = tuple(encoding) if isinstance(encoding, list) else encoding
         self.converted: dict[int, Any] = {}
 
     def get(self, keyword: str, default: Any = None) -> Any:
@@ -351,10 +371,32 @@ class _Values:
         if not isinstance(raw, RawDataElement):
             value = raw.value
         else:
+            # Most elements repeat across the files of a series (sizes, orientation, spacing,
+            # the study and patient fields): their conversions are remembered by raw bytes.
+            key = None
+            if keyword not in _PER_FILE and raw.value is not None and len(raw.value) <= 256:
+                key = (tag, raw.VR, raw.value, raw.is_little_endian, self.encoding_key)
+                if key in _CONVERTED:
+                    self.converted[tag] = _CONVERTED[key]
+                    return _CONVERTED[key]
             element = convert_raw_data_element(raw, encoding=self.encoding, ds=self.ds)
-            value = self.ds[tag].value if element.VR in AMBIGUOUS_VR else element.value
+            if element.VR in AMBIGUOUS_VR:
+                value, key = self.ds[tag].value, None
+            else:
+                value = element.value
+            if key is not None:
+                if len(_CONVERTED) >= _CONVERTED_LIMIT:
+                    _CONVERTED.clear()
+                _CONVERTED[key] = value
         self.converted[tag] = value
         return value
+
+
+# Elements whose value differs from file to file: not worth remembering.
+_PER_FILE = frozenset({"SOPInstanceUID", "ImagePositionPatient", "InstanceNumber"})
+# Converted values by (tag, VR, raw bytes, byte order, character set); values are only read.
+_CONVERTED: dict[tuple, Any] = {}
+_CONVERTED_LIMIT = 4096
 
 
 _TAG_NUMBERS: dict[str, int] = {}
@@ -648,10 +690,18 @@ def decode_slice(path: Path) -> DecodedSlice:
 def _dcmread_full(path: Path):
     """The whole dataset, pixels included (raw dumps without a preamble too)."""
     pydicom = _quiet_pydicom()
+    from pydicom.errors import InvalidDicomError
+
     with py_warnings.catch_warnings():
         py_warnings.simplefilter("ignore")
         try:
-            return pydicom.dcmread(path, force=_looks_like_raw_dataset(path))
+            try:
+                return pydicom.dcmread(path)
+            except InvalidDicomError:
+                # No preamble: read it anyway when it starts like a raw dataset.
+                if not _looks_like_raw_dataset(path):
+                    raise
+                return pydicom.dcmread(path, force=True)
         except Exception as error:
             raise InputError(path, f"cannot read file ({one_line(error)})") from None
 
