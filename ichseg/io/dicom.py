@@ -357,6 +357,8 @@ class _Values:
         encoding = self.encoding
         self.encoding_key = tuple(encoding) if isinstance(encoding, list) else encoding
         self.converted: dict[int, Any] = {}
+        meta = getattr(ds, "file_meta", None)
+        self.transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta else ""
 
     def get(self, keyword: str, default: Any = None) -> Any:
         from pydicom.dataelem import RawDataElement, convert_raw_data_element
@@ -448,7 +450,7 @@ def _header_from_dataset(
         raise InputError(path, "DICOM file without any data element (truncated header?)")
     if not series_uid:
         raise InputError(path, "DICOM file without SeriesInstanceUID")
-    transfer_syntax = str(file_meta.get("TransferSyntaxUID", "") or "") if file_meta else ""
+    transfer_syntax = values.transfer_syntax
     metadata = {
         "PatientID": str(values.get("PatientID", "") or "").strip(),
         "StudyInstanceUID": str(values.get("StudyInstanceUID", "") or ""),
@@ -627,7 +629,9 @@ class DecodedSlice:
     """One slice in HU and how its rescale was obtained.
 
     ``hu`` is None where the pixels went elsewhere (the slice cache keeps only its windows);
-    ``shape`` is always the decoded ``(rows, columns)``.
+    ``shape`` is always the decoded ``(rows, columns)``. ``stored_range`` and ``has_air`` (what
+    the rescale rule looks at) are measured only when ``intercept_missing``, else (0, 0) and
+    False.
     """
 
     hu: np.ndarray | None
@@ -734,7 +738,7 @@ def _stored_pixels(ds, values: _Values) -> np.ndarray:
     from pydicom.dataelem import RawDataElement
     from pydicom.pixels import get_decoder, pixel_array
 
-    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    syntax = values.transfer_syntax
     raw = ds.get_item(0x7FE00010)
     if (
         syntax not in _NATIVE_LITTLE_ENDIAN
@@ -762,11 +766,12 @@ def _decode_dataset(path: Path, ds, values: _Values | None = None) -> DecodedSli
         py_warnings.simplefilter("ignore")
         if "PixelData" not in ds:
             raise InputError(path, "no PixelData element (truncated file or no image)")
-        _fill_transfer_syntax(ds)
+        if not values.transfer_syntax:
+            values.transfer_syntax = _fill_transfer_syntax(ds)
         try:
             stored = _stored_pixels(ds, values)
         except Exception as error:  # each decoder plugin raises its own types
-            syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            syntax = values.transfer_syntax
             name = _TRANSFER_SYNTAX_NAMES.get(syntax, syntax)
             raise InputError(
                 path, f"cannot decode pixel data ({name}): {one_line(error)}"
@@ -789,8 +794,13 @@ def _decode_dataset(path: Path, ds, values: _Values | None = None) -> DecodedSli
         pixel_representation=pixel_representation,
         padding_value=padding,
     )
-    low, high = float(stored.min()), float(stored.max())
-    air = (stored >= AIR_STORED_RANGE[0]) & (stored <= AIR_STORED_RANGE[1])
+    # What the rescale rule looks at, needed only for a slice without RescaleIntercept.
+    low = high = 0.0
+    has_air = False
+    if intercept is None:
+        low, high = float(stored.min()), float(stored.max())
+        air = (stored >= AIR_STORED_RANGE[0]) & (stored <= AIR_STORED_RANGE[1])
+        has_air = bool(air.any())
     return DecodedSlice(
         hu=hu,
         fixed_12bit=fixed,
@@ -798,7 +808,7 @@ def _decode_dataset(path: Path, ds, values: _Values | None = None) -> DecodedSli
         intercept_missing=intercept is None,
         signed=pixel_representation == 1 or np.issubdtype(stored.dtype, np.signedinteger),
         stored_range=(low, high),
-        has_air=bool(air.any()),
+        has_air=has_air,
         shape=(int(hu.shape[0]), int(hu.shape[1])),
     )
 
@@ -874,8 +884,9 @@ def _parse(path: Path, decode: bool) -> ParsedFile:
     return parsed
 
 
-def _fill_transfer_syntax(ds) -> None:
-    """Give a dataset read without file meta (old raw dumps) the syntax it was read with."""
+def _fill_transfer_syntax(ds) -> str:
+    """Give a dataset read without file meta (old raw dumps) the syntax it was read with;
+    returns the dataset's transfer syntax."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import (
         ExplicitVRBigEndian,
@@ -885,7 +896,7 @@ def _fill_transfer_syntax(ds) -> None:
 
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("TransferSyntaxUID"):
-        return
+        return str(meta.TransferSyntaxUID)
     implicit, little = getattr(ds, "original_encoding", (True, True))
     if meta is None:
         ds.file_meta = meta = FileMetaDataset()
@@ -893,6 +904,7 @@ def _fill_transfer_syntax(ds) -> None:
         meta.TransferSyntaxUID = ImplicitVRLittleEndian
     else:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    return str(meta.TransferSyntaxUID)
 
 
 def _majority(values: list[Any]) -> Any:

@@ -51,11 +51,28 @@ def resolve_workers(workers: int | None) -> int:
     return default_workers() if workers is None else max(1, int(workers))
 
 
-def _init_worker(level: int) -> None:
+def _init_worker(level: int, parent: int) -> None:
+    _stop_with_parent(parent)
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Have Linux end this worker when the process that started it dies, so that a killed
+    build does not leave workers decoding their current task for minutes."""
+    import signal
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
@@ -67,7 +84,7 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
         workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(logging.getLogger().getEffectiveLevel(),),
+        initargs=(logging.getLogger().getEffectiveLevel(), os.getpid()),
     )
 
 
