@@ -22,7 +22,7 @@ Two ways to build, the same arrays:
 * **Per slice** (DICOM-only data, no intracranial masking: every preprocessing step works on one
   slice). Units are files: shard ``i`` is files ``[i * shard_slices, (i + 1) * shard_slices)``
   of the sorted listing. A worker parses each file once (``ichseg.io.dicom.parse_file``),
-  windows its slice with the run's preprocessor ``PER_SLICE_BATCH`` slices at a time and
+  windows its slice with the run's preprocessor a few slices at a time (``PER_SLICE_BATCH``) and
   appends them to the shard's ``images.u8``, and keeps the file's header fields in the shard's
   ``files.npz`` (``ichseg.io.dicom_table``, ~280 bytes a file). When every shard is done, the
   series are assembled from those tables with the series reader's rules
@@ -488,7 +488,12 @@ def cached_skips(folder: str | Path) -> list[dict[str, str]]:
 
 PER_SLICE = "per-slice"
 PER_SLICE_BATCH = 32
-"""Decoded slices a worker windows and writes at once (bounds its memory: 32 HU slices)."""
+"""Most decoded slices a worker windows and writes at once."""
+PER_SLICE_BYTES = 16 * 1024**2
+"""...and at most this many bytes of windowed float32 per batch (five 512 x 512 slices with three
+windows). Below glibc's largest mmap threshold (32 MiB), so the batch arrays reuse freed heap
+memory instead of fresh pages: on a VM where first-touching a page is slow, batches of 32
+slices of 512 px made windowing several times slower."""
 
 
 def _per_slice_files(source, preprocessor) -> np.ndarray | None:
@@ -595,8 +600,9 @@ def _build_file_shard(
     """Parse each file once, write the windows of every decoded slice to the shard's
     ``images.u8`` and its header fields to ``files.npz``; returns the files handled.
 
-    Files are handled ``PER_SLICE_BATCH`` at a time, so a worker holds at most that many HU
-    slices whatever the shard size.
+    Files are handled in batches of at most ``PER_SLICE_BATCH`` decoded slices and
+    ``PER_SLICE_BYTES`` of windowed float32, so a worker holds a bounded number of slices
+    whatever the shard size.
     """
     from ichseg.config import validate_config
     from ichseg.io.dicom import parse_file
@@ -622,14 +628,18 @@ def _build_file_shard(
                     table.append(parsed, rows.get(id(parsed), -1), keep.get(id(parsed), False))
                 pending.clear()
 
+            decoded = windowed = 0
             for raw_path in paths:
                 parsed = parse_file(Path(os.fsdecode(raw_path)))
                 hu = None
                 if parsed.decoded is not None:
                     hu, parsed.decoded.hu = parsed.decoded.hu, None
+                    decoded += 1
+                    windowed += hu.size * 4 * len(data.windows)
                 pending.append((parsed, hu))
-                if sum(h is not None for _, h in pending) >= PER_SLICE_BATCH:
+                if decoded >= PER_SLICE_BATCH or windowed >= PER_SLICE_BYTES:
                     flush()
+                    decoded = windowed = 0
             flush()
         table.save(tmp / "files.npz")
         shape = [len(data.windows), data.image_size, data.image_size]
