@@ -58,7 +58,8 @@ def write_flat_folder(
     folder: Path, files: int, size: int = 256, slices: int = 32, seed: int = 3, start: int = 0
 ) -> list[Path]:
     """Write ``files`` one-slice files (``files // slices`` series and a partial one) into
-    ``folder``; series numbers start at ``start`` so several calls can add to one folder.
+    ``folder``; series are numbered from ``start`` (a series number, not a file count), so
+    several calls can add new series to one folder.
 
     Returns:
         The paths written.

@@ -194,13 +194,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = []
     try:
         flat = work / "flat"
-        written = 0
+        written = series = 0
         for size in sizes:
             start = time.perf_counter()
+            # Each step adds whole new series after the ones already there.
             write_flat_folder(
-                flat, size - written, size=args.size, slices=args.slices, start=written
+                flat, size - written, size=args.size, slices=args.slices, start=series
             )
-            series = -(-size // args.slices)
+            series += -(-(size - written) // args.slices)
             labels = write_rsna_labels(work / "labels.csv", series, args.slices)
             log(f"{size} files ({time.perf_counter() - start:.0f} s to write)")
             written = size

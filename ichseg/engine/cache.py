@@ -422,6 +422,20 @@ def _build_shard(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _shard_images(folder: Path, count: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """Memory maps of the shards' images (empty shards left out) and every shard's meta."""
+    arrays, metas = [], []
+    for i in range(count):
+        shard = folder / _shard_name(i)
+        meta = json.loads((shard / "meta.json").read_text())
+        if meta["count"]:
+            arrays.append(
+                np.memmap(shard / "images.u8", np.uint8, "r", shape=(meta["count"], *meta["shape"]))
+            )
+        metas.append(meta)
+    return arrays, metas
+
+
 def _cat(arrays: list[np.ndarray], empty_shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(empty_shape, dtype)
 
@@ -432,16 +446,8 @@ def open_slices(folder: str | Path) -> SliceSet:
     done = json.loads((folder / "done.json").read_text())
     if done.get("layout") == PER_SLICE:
         return _open_per_slice(folder, done)
-    arrays, indexes, metas = [], [], []
-    for i in range(done["shards"]):
-        shard = folder / _shard_name(i)
-        meta = json.loads((shard / "meta.json").read_text())
-        if meta["count"]:
-            arrays.append(
-                np.memmap(shard / "images.u8", np.uint8, "r", shape=(meta["count"], *meta["shape"]))
-            )
-        indexes.append(np.load(shard / "index.npz"))
-        metas.append(meta)
+    arrays, metas = _shard_images(folder, done["shards"])
+    indexes = [np.load(folder / _shard_name(i) / "index.npz") for i in range(done["shards"])]
     offsets = np.r_[0, np.cumsum([m["count"] for m in metas])]
     neighbours = np.concatenate(
         [
@@ -783,14 +789,7 @@ def _names(names: list[str], codes: np.ndarray) -> np.ndarray:
 
 
 def _open_per_slice(folder: Path, done: dict[str, Any]) -> SliceSet:
-    arrays = []
-    for i in range(done["shards"]):
-        shard = folder / _shard_name(i)
-        meta = json.loads((shard / "meta.json").read_text())
-        if meta["count"]:
-            arrays.append(
-                np.memmap(shard / "images.u8", np.uint8, "r", shape=(meta["count"], *meta["shape"]))
-            )
+    arrays, _ = _shard_images(folder, done["shards"])
     meta = json.loads((folder / "index.json").read_text())
     with np.load(folder / "index.npz") as index:
         stored = {name: index[name] for name in index.files}
