@@ -4,16 +4,22 @@ Part 1, models: the intracranial U-Net (``SegmenterConfig()`` at its configured 
 SE-ResNet50 classifier (``create_model("seresnet50", in_channels=3, num_classes=6)`` at
 ``--image-size``) run forward under ``torch.inference_mode`` in eval mode, at each batch size, in
 fp32 and under bf16 autocast, with contiguous (NCHW) and channels_last weights and inputs.
-FLOPs per image come from ``torch.utils.flop_counter.FlopCounterMode``; the achieved GFLOP/s is
-set against a square ``torch.matmul`` measured in the same rounds (fp32 against fp32, bf16
-against bf16). With ``--compile`` the bf16 channels_last models are also run through
-``torch.compile`` (inductor, weight freezing), which ichseg does not do.
+With ``--compile`` the bf16 channels_last models are also run through ``torch.compile``
+(inductor, weight freezing) at each batch shape. FLOPs per image come from
+``torch.utils.flop_counter.FlopCounterMode``; the achieved GFLOP/s is set against a square
+``torch.matmul`` measured in the same rounds (fp32 against fp32, bf16 against bf16).
+
+``default_path`` is the classifier as ``predict`` runs it: ``prepare_for_inference`` (with the
+default compile setting, and with ``--compile`` also compiled), ``predict_probabilities`` over
+``uint8_batches`` of ``--path-slices`` uint8 slices (the conversion to float included), bf16
+autocast as a run with ``train.amp`` uses.
 
 Part 2, end to end: a run folder (``best.pt`` in the trainer's checkpoint format with the
 classifier's random weights, ``thresholds.json``, and a U-Net ``segmenter.pt``) and a 40-slice
 phantom DICOM study; ``ichseg.inference.predict`` is timed on it with the predictor loaded once,
-with Grad-CAM off (a negative study) and forced on (a positive one), plus a per-stage breakdown
-and the same call with the channels_last (and compiled) models swapped in.
+with Grad-CAM off (thresholds no series reaches) and on (thresholds every series reaches), plus a
+per-stage breakdown and, with ``--compile``, the same with classifier inference compiled (its
+first call, which compiles, timed separately).
 
 Prints one JSON object. Example::
 
@@ -24,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import shutil
 import sys
@@ -61,6 +66,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=2048, help="square matmul for peak")
     parser.add_argument(
         "--compile", action="store_true", help="also time torch.compile'd bf16 channels_last"
+    )
+    parser.add_argument(
+        "--path-slices", type=int, default=64, help="slices through the default predict path"
+    )
+    parser.add_argument(
+        "--dtypes",
+        default="auto",
+        help="fp32,bf16 or a subset; auto: fp32, and bf16 where it is native (it is emulated, "
+        "and several times slower than fp32, on CPUs without AVX-512 BF16 or AMX)",
     )
     parser.add_argument("--study-slices", type=int, default=40, help="slices of the e2e study")
     parser.add_argument("--study-size", type=int, default=256, help="pixels of the e2e study")
@@ -142,6 +156,19 @@ class Variant:
         return seconds
 
 
+class PathVariant(Variant):
+    """The classifier as ``predict`` runs it: ``predict_probabilities`` over uint8 batches."""
+
+    def forward(self) -> None:
+        from ichseg.engine.predict import predict_probabilities, uint8_batches
+
+        # amp as a run trained with bf16 autocast asks for it; predict_probabilities uses bf16
+        # only where it is native, and ``dtype`` records what actually ran.
+        predict_probabilities(
+            self.model, uint8_batches(self.x, 32), self.device, True, "multilabel"
+        )
+
+
 def _model_variants(args, device, batches: list[int]) -> tuple[list[Variant], dict[str, Any]]:
     import torch
 
@@ -170,23 +197,46 @@ def _model_variants(args, device, batches: list[int]) -> tuple[list[Variant], di
             "channels_last": copy.deepcopy(model).to(memory_format=torch.channels_last),
         }
         for fmt, m in models.items():
-            for dtype in ("fp32", "bf16"):
+            for dtype in args.dtype_list:
                 for batch in batches:
                     x = torch.randn(batch, channels, size, size, device=device)
                     if fmt == "channels_last":
                         x = x.contiguous(memory_format=torch.channels_last)
                     variants.append(Variant(name, m, fmt, dtype, batch, x, device))
-        if args.compile:
-            import torch._inductor.config as inductor_config
+        if name == args.classifier:
+            from ichseg.engine.predict import (
+                bf16_is_native,
+                compile_by_default,
+                prepare_for_inference,
+            )
 
-            # Freezing folds BatchNorm into the convolutions and pre-packs oneDNN weights.
-            inductor_config.freezing = True
-            compiled = torch.compile(models["channels_last"], dynamic=False)
-            for batch in batches:
-                x = torch.randn(batch, channels, size, size, device=device)
-                x = x.contiguous(memory_format=torch.channels_last)
+            path_dtype = "bf16" if bf16_is_native(device) else "fp32"
+            slices = torch.randint(0, 256, (args.path_slices, channels, size, size))
+            slices = slices.to(torch.uint8).numpy()
+            default = prepare_for_inference(copy.deepcopy(model), device)
+            label = "default_path+compile" if compile_by_default(device) else "default_path"
+            variants.append(
+                PathVariant(name, default, label, path_dtype, len(slices), slices, device)
+            )
+            if args.compile and not compile_by_default(device):
+                compiled_path = prepare_for_inference(copy.deepcopy(model), device, compile=True)
                 variants.append(
-                    Variant(name, compiled, "channels_last+compile", "bf16", batch, x, device)
+                    PathVariant(
+                        name, compiled_path, "path+compile", path_dtype, len(slices), slices, device
+                    )
+                )
+        if args.compile:
+            # Freezing folds BatchNorm into the convolutions and pre-packs oneDNN weights. Each
+            # batch shape compiles anew (minutes on a slow CPU): the largest batch only.
+            compiled = torch.compile(
+                models["channels_last"], dynamic=False, options={"freezing": True}
+            )
+            batch = max(batches)
+            x = torch.randn(batch, channels, size, size, device=device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            for dtype in args.dtype_list:
+                variants.append(
+                    Variant(name, compiled, "channels_last+compile", dtype, batch, x, device)
                 )
     return variants, info
 
@@ -195,19 +245,18 @@ def run_models(args, device, batches: list[int]) -> dict[str, Any]:
     import torch
 
     variants, info = _model_variants(args, device, batches)
-    peaks = {
-        "fp32": matmul_seconds(args.matmul_size, torch.float32, device),
-        "bf16": matmul_seconds(args.matmul_size, torch.bfloat16, device),
-    }
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    used = sorted({v.dtype for v in variants})
+    peaks = {d: matmul_seconds(args.matmul_size, dtypes[d], device) for d in used}
     for variant in variants:
         first = variant.calibrate()
         if "compile" in variant.fmt:
             info[variant.name][f"compile_s_batch{variant.batch}"] = rounded(first, 1)
         log(f"warm {variant.name} {variant.fmt} {variant.dtype} b{variant.batch}: {first:.2f}s")
     flop = 2.0 * args.matmul_size**3
-    peak_samples: dict[str, list[list[float]]] = {"fp32": [], "bf16": []}
+    peak_samples: dict[str, list[list[float]]] = {d: [] for d in used}
     for round_index in range(args.repeats):
-        round_peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        round_peaks: dict[str, list[float]] = {d: [] for d in used}
 
         def measure_peaks(store: dict[str, list[float]] = round_peaks) -> None:
             for dtype, timer in peaks.items():
@@ -221,8 +270,9 @@ def run_models(args, device, batches: list[int]) -> dict[str, Any]:
         for dtype in peak_samples:
             peak_samples[dtype].append(round_peaks[dtype])
         log(
-            f"round {round_index + 1}/{args.repeats}: peak fp32 "
-            f"{median(round_peaks['fp32']):.0f} bf16 {median(round_peaks['bf16']):.0f} GFLOP/s"
+            f"round {round_index + 1}/{args.repeats}: peak "
+            + ", ".join(f"{d} {median(v):.0f}" for d, v in round_peaks.items())
+            + " GFLOP/s"
         )
 
     rows = []
@@ -256,9 +306,9 @@ def run_models(args, device, batches: list[int]) -> dict[str, Any]:
     if args.profile:
         largest = max(batches)
         for v in variants:
-            if v.name == args.classifier and v.dtype == "bf16" and v.batch == largest:
-                log(f"profiling {v.name} {v.fmt} bf16 b{largest}")
-                profiles[f"{v.fmt}/bf16/b{largest}"] = profile_top_ops(v)
+            if v.name == args.classifier and v.dtype == args.dtype_list[-1] and v.batch == largest:
+                log(f"profiling {v.name} {v.fmt} {v.dtype} b{largest}")
+                profiles[f"{v.fmt}/{v.dtype}/b{largest}"] = profile_top_ops(v)
     return {
         "models": info,
         "profiles": profiles,
@@ -319,7 +369,7 @@ def build_run_folder(run: Path, args, device) -> Path:
     import torch
 
     from ichseg.config import DataConfig, ModelConfig, RunConfig
-    from ichseg.engine.train import build_model
+    from ichseg.engine.checkpoint import Thresholds, build_model, save_thresholds
     from ichseg.segmentation.unet import SegmenterConfig, build_unet
 
     run.mkdir(parents=True, exist_ok=True)
@@ -329,7 +379,7 @@ def build_run_folder(run: Path, args, device) -> Path:
         model=ModelConfig(name=args.classifier),
     )
     torch.manual_seed(args.seed)
-    model = build_model(config)
+    model = build_model(config, pretrained=False)
     torch.save(
         {
             "state_dict": model.state_dict(),
@@ -339,10 +389,11 @@ def build_run_folder(run: Path, args, device) -> Path:
         },
         run / "best.pt",
     )
-    (run / "thresholds.json").write_text(json.dumps({n: 0.5 for n in config.task.class_names}))
+    half = {n: 0.5 for n in config.task.class_names}
+    save_thresholds(Thresholds(half, half), run / "thresholds.json")
     if args.segmenter_epochs > 0:
         from ichseg.phantom import PhantomConfig, generate_study
-        from ichseg.segmentation.unet import train_segmenter
+        from ichseg.segmentation.training import train_segmenter
 
         log(f"training the U-Net for {args.segmenter_epochs} epoch(s) on 4 phantom studies")
         studies = [
@@ -371,11 +422,21 @@ def build_run_folder(run: Path, args, device) -> Path:
     return run
 
 
+def _with_thresholds(predictor, value: float):
+    """A copy of the predictor whose every slice and series threshold is ``value``."""
+    import dataclasses
+
+    from ichseg.engine.checkpoint import Thresholds
+
+    names = predictor.class_names
+    fixed = {n: value for n in names}
+    return dataclasses.replace(predictor, thresholds=Thresholds(fixed, dict(fixed)))
+
+
 def stage_breakdown(predictor, study: Path, out: Path) -> dict[str, float]:
     """Seconds of each stage of ``predict`` for one study, calling ichseg's functions in order."""
-    from ichseg.engine.data import preprocess_volume
-    from ichseg.inference import _batched_probabilities, volume_name, write_gradcam
-    from ichseg.io.loader import index_input
+    from ichseg.inference import VolumePrediction, write_gradcam
+    from ichseg.io.loader import index_input, output_name
     from ichseg.io.nifti import write_nifti_atomic
 
     stages: dict[str, float] = {}
@@ -388,14 +449,14 @@ def stage_breakdown(predictor, study: Path, out: Path) -> dict[str, float]:
 
     index = timed("discover", lambda: index_input(study))
     volume = timed("read_series", lambda: next(iter(index.iter_volumes())))
-    mask = timed("segmenter", lambda: np.asarray(predictor.segmenter(volume), dtype=np.uint8))
-    config = predictor.config
-    slices = timed(
-        "preprocess_volume",
-        lambda: preprocess_volume(volume, config.data, config.masking, mask=mask),
-    )
-    probabilities = timed("classifier", lambda: _batched_probabilities(predictor, slices, 32))
-    name = volume_name(volume)
+    mask = timed("segmenter", lambda: np.asarray(predictor.output_masker(volume), dtype=np.uint8))
+    prepared = timed("preprocess", lambda: predictor.preprocessor(volume))
+    images = prepared.images
+    scored = timed("classifier", lambda: predictor.probabilities(images[prepared.keep], 32))
+    probabilities = np.full((volume.num_slices, scored.shape[1]), np.nan, np.float32)
+    probabilities[prepared.keep] = scored
+    prediction = VolumePrediction(probabilities, prepared.keep, mask, images)
+    name = output_name(volume)
     timed(
         "write_mask_nifti",
         lambda: write_nifti_atomic(
@@ -404,49 +465,12 @@ def stage_breakdown(predictor, study: Path, out: Path) -> dict[str, float]:
     )
     timed(
         "gradcam_3_slices",
-        lambda: write_gradcam(predictor, volume, slices, probabilities, out / "gc", name, 3),
+        lambda: write_gradcam(predictor, volume, prediction, out / "gc", name, 3),
     )
-    return stages
-
-
-def segmenter_breakdown(predictor, study: Path) -> dict[str, float]:
-    """Seconds of the U-Net masker's steps: resize + window, network, postprocessing."""
-    import torch
-    import torch.nn.functional as F
-
-    from ichseg.io.loader import index_input
-    from ichseg.segmentation.unet import (
-        RIM_MIN_PROBABILITY,
-        _foreground_probability,
-        _prepare_slices,
-        partial_volume_rim,
-        postprocess_mask,
-    )
-
-    seg = predictor.segmenter
-    hu = next(iter(index_input(study).iter_volumes())).hu
-    stages = {}
-    start = time.perf_counter()
-    stack = _prepare_slices(hu, seg.config)
-    stages["resize_window"] = time.perf_counter() - start
-    start = time.perf_counter()
-    prob = _foreground_probability(seg.model, stack, seg.config, seg.device, seg.config.amp, 32)
-    stages["unet_forward"] = time.perf_counter() - start
-    start = time.perf_counter()
-    with torch.inference_mode():
-        prob = F.interpolate(prob[:, None], size=hu.shape[1:], mode="bilinear")[:, 0]
-    prob = prob.cpu().numpy()
-    stages["upsample"] = time.perf_counter() - start
-    start = time.perf_counter()
-    mask = postprocess_mask(prob > 0.5).astype(bool)
-    mask |= partial_volume_rim(mask, hu) & (prob > RIM_MIN_PROBABILITY)
-    stages["postprocess"] = time.perf_counter() - start
     return stages
 
 
 def run_e2e(args, device, work: Path) -> dict[str, Any]:
-    import torch
-
     from ichseg.inference import load_predictor, predict
     from ichseg.phantom import PhantomConfig, write_dataset
 
@@ -465,45 +489,25 @@ def run_e2e(args, device, work: Path) -> dict[str, Any]:
     start = time.perf_counter()
     predictor = load_predictor(run, device=str(device))
     load_s = time.perf_counter() - start
-    negative = copy.copy(predictor)
-    negative.thresholds = {n: 2.0 for n in predictor.thresholds}  # never positive: no Grad-CAM
-    positive = copy.copy(predictor)
-    positive.thresholds = {n: -1.0 for n in predictor.thresholds}  # always positive: Grad-CAM
-
-    channels_last = load_predictor(run, device=str(device))
-    channels_last.model.to(memory_format=torch.channels_last)
-    channels_last.segmenter.model.to(memory_format=torch.channels_last)
-    channels_last.thresholds = negative.thresholds
-    channels_last_positive = copy.copy(channels_last)
-    channels_last_positive.thresholds = positive.thresholds
     cases: dict[str, tuple[Any, bool]] = {
-        "negative_no_gradcam": (negative, False),
-        "positive_gradcam": (positive, True),
-        "channels_last_negative": (channels_last, False),
-        "channels_last_positive_gradcam": (channels_last_positive, True),
+        "negative_default": (_with_thresholds(predictor, 1.0 + 1e-9), False),
+        "positive_default_gradcam": (_with_thresholds(predictor, 0.0), True),
     }
     compile_s = None
     if args.compile:
-        import torch._inductor.config as inductor_config
+        from ichseg.engine.predict import prepare_for_inference
 
-        inductor_config.freezing = True
         compiled = load_predictor(run, device=str(device))
-        compiled.model.to(memory_format=torch.channels_last)
-        compiled.segmenter.model.to(memory_format=torch.channels_last)
-        compiled.model = torch.compile(compiled.model, dynamic=False)
-        compiled.segmenter.model = torch.compile(compiled.segmenter.model, dynamic=False)
-        compiled.thresholds = negative.thresholds
+        prepare_for_inference(compiled.model, device, compile=True)
+        compiled = _with_thresholds(compiled, 1.0 + 1e-9)
         start = time.perf_counter()
-        predict(
-            run, study, work / "out-compile-warm", predictor=compiled, progress=False, gradcam=False
-        )
+        predict(run, study, work / "out-compile-warm", predictor=compiled, progress=False)
         compile_s = time.perf_counter() - start
-        cases["compiled_channels_last_negative"] = (compiled, False)
+        cases["negative_compiled"] = (compiled, False)
 
     seconds: dict[str, list[float]] = {name: [] for name in cases}
     per_study: dict[str, list[float]] = {name: [] for name in cases}
     stages: dict[str, list[float]] = {}
-    seg_stages: dict[str, list[float]] = {}
     for name, (pred, gradcam) in cases.items():  # warm-up: oneDNN primitives, imports
         predict(
             run, study, work / f"out-warm-{name}", predictor=pred, progress=False, gradcam=gradcam
@@ -518,14 +522,18 @@ def run_e2e(args, device, work: Path) -> dict[str, Any]:
             result = predict(run, study, out, predictor=pred, progress=False, gradcam=gradcam)
             seconds[name].append(time.perf_counter() - start)
             per_study[name].append(result.seconds_per_study)
+            assert result.series_rows and bool(result.series_rows[0]["gradcam"]) == gradcam
+        positive = cases["positive_default_gradcam"][0]
         for stage, value in stage_breakdown(positive, study, work / f"st-{round_index}").items():
             stages.setdefault(stage, []).append(value)
-        for stage, value in segmenter_breakdown(predictor, study).items():
-            seg_stages.setdefault(stage, []).append(value)
         log(
             f"e2e round {round_index + 1}/{args.repeats}: "
             + ", ".join(f"{n} {seconds[n][-1]:.2f}s" for n in names)
         )
+    wall = {k: median(v) for k, v in seconds.items()}
+    break_even = None
+    if compile_s is not None and wall["negative_default"] > wall["negative_compiled"]:
+        break_even = compile_s / (wall["negative_default"] - wall["negative_compiled"])
     return {
         "study": {"slices": args.study_slices, "pixels": args.study_size},
         "classifier": args.classifier,
@@ -535,12 +543,12 @@ def run_e2e(args, device, work: Path) -> dict[str, Any]:
         ),
         "load_predictor_s": rounded(load_s, 2),
         "compile_first_call_s": rounded(compile_s, 1),
-        "predict_wall_s_median": {k: rounded(median(v), 3) for k, v in seconds.items()},
+        "compile_pays_after_studies": rounded(break_even, 1),
+        "predict_wall_s_median": {k: rounded(v, 3) for k, v in wall.items()},
         "predict_seconds_per_study_median": {
             k: rounded(median(v), 3) for k, v in per_study.items()
         },
         "stages_s_median": {k: rounded(median(v), 3) for k, v in stages.items()},
-        "segmenter_stages_s_median": {k: rounded(median(v), 3) for k, v in seg_stages.items()},
     }
 
 
@@ -557,6 +565,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    from ichseg.engine.predict import bf16_is_native
+
+    if args.dtypes == "auto":
+        args.dtype_list = ["fp32"] + (["bf16"] if bf16_is_native(device) else [])
+    else:
+        args.dtype_list = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        if not set(args.dtype_list) <= {"fp32", "bf16"}:
+            sys.exit("error: --dtypes takes fp32 and/or bf16")
     result: dict[str, Any] = {
         "benchmark": "inference",
         "config": {
@@ -565,6 +581,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batches": batches,
             "matmul_size": args.matmul_size,
             "compile": args.compile,
+            "dtypes": args.dtype_list,
             "profile": args.profile,
             "repeats": args.repeats,
         },
@@ -590,34 +607,35 @@ def _goals(result: dict[str, Any], batches: list[int]) -> dict[str, Any]:
     goals: dict[str, Any] = {}
     throughput = result.get("throughput")
     classifier = result["config"]["classifier"]
-    if throughput and 32 in batches:
+    dtype = "bf16" if "bf16" in result["config"]["dtypes"] else "fp32"
+    if throughput:
+        rows = [r for r in throughput["results"] if r["model"] == classifier]
+        for row in rows:
+            if row["format"].startswith(("default_path", "path+")):
+                entry = goal(row["fraction_of_matmul_peak"], 0.4, at_most=False)
+                entry["format"], entry["dtype"] = row["format"], row["dtype"]
+                key = f"{classifier}_{row['format']}_fraction_of_{row['dtype']}_peak"
+                goals[key] = entry
+        rows = [r for r in rows if r["dtype"] == dtype]
         for label, formats in (
             ("eager", ("contiguous", "channels_last")),
             ("compiled", ("channels_last+compile",)),
         ):
-            rows = [
-                r
-                for r in throughput["results"]
-                if r["model"] == classifier
-                and r["dtype"] == "bf16"
-                and r["batch"] == 32
-                and r["format"] in formats
-            ]
-            if rows:
-                best = max(rows, key=lambda r: r["fraction_of_matmul_peak"])
-                entry = goal(best["fraction_of_matmul_peak"], 0.5, at_most=False)
+            chosen = [r for r in rows if r["batch"] == max(batches) and r["format"] in formats]
+            if chosen:
+                best = max(chosen, key=lambda r: r["fraction_of_matmul_peak"])
+                entry = goal(best["fraction_of_matmul_peak"], 0.4, at_most=False)
                 entry["format"] = best["format"]
-                goals[f"{classifier}_bf16_b32_fraction_of_bf16_peak_{label}"] = entry
+                key = f"{classifier}_{dtype}_b{max(batches)}_fraction_of_{dtype}_peak_{label}"
+                goals[key] = entry
     e2e = result.get("end_to_end")
     if e2e:
         wall = e2e["predict_wall_s_median"]
         prefix = f"study_{e2e['study']['slices']}_slices_seconds"
-        goals[f"{prefix}_negative"] = goal(wall["negative_no_gradcam"], 3.0, True)
-        goals[f"{prefix}_positive_gradcam"] = goal(wall["positive_gradcam"], 3.0, True)
-        if "compiled_channels_last_negative" in wall:
-            goals[f"{prefix}_negative_compiled"] = goal(
-                wall["compiled_channels_last_negative"], 3.0, True
-            )
+        goals[f"{prefix}_negative"] = goal(wall["negative_default"], 3.0, True)
+        goals[f"{prefix}_positive_gradcam"] = goal(wall["positive_default_gradcam"], 3.0, True)
+        if "negative_compiled" in wall:
+            goals[f"{prefix}_negative_compiled"] = goal(wall["negative_compiled"], 3.0, True)
     return goals
 
 

@@ -106,20 +106,11 @@ def build_config(args: argparse.Namespace, cache: Path):
     )
 
 
-def splits_of(config, slices) -> dict[str, np.ndarray]:
-    """The trainer's patient-level split, recomputed the way ``train`` does it."""
-    from ichseg.engine.data import split_by_group
+def splits_of(config, slices, run_dir: Path) -> dict[str, np.ndarray]:
+    """The trainer's patient-level split (``make_splits``, as ``train`` computes it)."""
+    from ichseg.engine.train import make_splits
 
-    split = config.data.split
-    return split_by_group(
-        slices.groups,
-        slices.labels[:, 0] > 0.5,
-        split.val_fraction,
-        split.test_fraction,
-        split.seed,
-        split.folds,
-        split.fold,
-    )
+    return make_splits(config, slices, run_dir)
 
 
 def run_trainer(config, run_dir: Path, cache: Path) -> tuple[list[float], float]:
@@ -150,12 +141,15 @@ def run_bare(
     import torch
     import torch.nn.functional as F
 
-    from ichseg.engine.train import TaskLoss, build_model, lr_lambda
+    from ichseg.engine.checkpoint import build_model
+    from ichseg.engine.loop import cosine_factor
+    from ichseg.engine.train import TaskLoss
 
     torch.manual_seed(config.seed)
-    images = torch.from_numpy(np.asarray(slices.images[train_idx])).to(device).float() / 255.0
+    stacked = np.stack([slices.stack(int(i)) for i in train_idx])
+    images = torch.from_numpy(stacked).to(device).float() / 255.0
     targets = torch.from_numpy(slices.targets(config.task)[train_idx]).to(device)
-    model = build_model(config).to(device).train()
+    model = build_model(config, pretrained=False).to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -166,7 +160,7 @@ def run_bare(
     count = len(train_idx)
     steps = count // batch if count > batch else 1  # the trainer drops the last partial batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.train.epochs * steps, 0)
+        optimizer, cosine_factor(config.train.epochs * steps, 0)
     )
     loss_fn = TaskLoss(config)
     generator = torch.Generator().manual_seed(config.seed)
@@ -202,14 +196,14 @@ def run_bare(
 def run_loader(config, slices, splits) -> list[float]:
     """images/s per epoch of the trainer's training DataLoader alone (augmentation included)."""
     from ichseg.engine.distributed import DistInfo
-    from ichseg.engine.train import _Loaders
+    from ichseg.engine.train import ClassifierTask
 
-    loaders = _Loaders(config, slices, splits, DistInfo())
+    task = ClassifierTask(config, slices, splits, DistInfo())
     rates = []
     for epoch in range(config.train.epochs):
-        loaders.start_epoch(epoch)
+        task.start_epoch(epoch)
         start, seen = time.perf_counter(), 0
-        for images, _ in loaders.train:
+        for images, _ in task.train_batches():
             seen += len(images)
         rates.append(seen / (time.perf_counter() - start))
     return rates
@@ -229,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     import torch
 
-    from ichseg.engine.data import build_slices
+    from ichseg.engine.cache import build_slices
 
     torch.set_num_threads(args.threads)
     env = environment(device, args.threads)  # now, so its load average is the starting one
@@ -245,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         slices = build_slices(config, cache_root=cache, progress=False)
         cache_s = time.perf_counter() - start
         rss["after_cache"] = peak_rss_mib()
-        splits = splits_of(config, slices)
+        splits = splits_of(config, slices, work / "splits")
         train_idx = splits["train"]
         log(f"{len(slices)} slices, {len(train_idx)} in the training split")
 

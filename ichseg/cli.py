@@ -6,6 +6,7 @@ Heavy libraries (torch, pydicom, nibabel, MONAI) are imported inside the command
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -55,6 +56,37 @@ def _fail(message: str, code: int = EXIT_ERROR) -> None:
     raise typer.Exit(code)
 
 
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="Processes reading DICOM (default: ICHSEG_WORKERS or the CPUs available)."
+    ),
+]
+
+
+@contextlib.contextmanager
+def _settings(workers: int | None = None, compile: bool | None = None):
+    """Within the block: ICHSEG_WORKERS / ICHSEG_COMPILE as given (the readers and the
+    classifier take their defaults from them), restored afterwards."""
+    import os
+
+    values = {}
+    if workers is not None:
+        values["ICHSEG_WORKERS"] = str(workers)
+    if compile is not None:
+        values["ICHSEG_COMPILE"] = "1" if compile else "0"
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def user_errors(command):
     """Report library errors as one line and a non-zero exit; tracebacks only with --verbose."""
 
@@ -85,6 +117,7 @@ def user_errors(command):
 def inspect(
     input: Annotated[Path, typer.Argument(help="DICOM file or folder tree, NIfTI file, or mix.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    workers: WorkersOpt = None,
 ) -> None:
     """Describe every CT series/volume found under INPUT: shape, spacing, HU range, warnings.
 
@@ -93,7 +126,8 @@ def inspect(
     """
     from ichseg.inspection import format_report, inspect_input
 
-    report = inspect_input(input)
+    with _settings(workers=workers):
+        report = inspect_input(input)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["volumes"]:
         raise typer.Exit(EXIT_ERROR)
@@ -350,20 +384,29 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     segmenter: Annotated[Path | None, typer.Option(help="Override the U-Net checkpoint.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    workers: WorkersOpt = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="Compile the classifier (pays after ~20 studies; default: ICHSEG_COMPILE).",
+        ),
+    ] = None,
 ) -> None:
     """Per-slice and per-series hemorrhage probabilities, masks and Grad-CAM for a folder."""
     from ichseg.inference import predict as run_predict
 
-    result = run_predict(
-        model,
-        input,
-        out,
-        gradcam=gradcam,
-        gradcam_slices=gradcam_slices,
-        batch_size=batch_size,
-        segmenter=segmenter,
-        progress=not quiet,
-    )
+    with _settings(workers=workers, compile=compile):
+        result = run_predict(
+            model,
+            input,
+            out,
+            gradcam=gradcam,
+            gradcam_slices=gradcam_slices,
+            batch_size=batch_size,
+            segmenter=segmenter,
+            progress=not quiet,
+        )
     positive = sum(1 for r in result.series_rows if r.get("label_any", 0))
     typer.echo(
         f"{len(result.series_rows)} series, {len(result.slice_rows)} slices, "
@@ -390,6 +433,7 @@ def segment(
         Path | None, typer.Option(help="Folder of reference masks: adds Dice and HD95.")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    workers: WorkersOpt = None,
 ) -> None:
     """Intracranial masks as NIfTI (same grid as the image NIfTI), previews, summary."""
     from ichseg.segmentation.api import segment_folder
@@ -397,9 +441,10 @@ def segment(
     chosen = method or ("unet" if model else "classical")
     if chosen == "unet" and model is None:
         _fail("--method unet needs --model CHECKPOINT")
-    result = segment_folder(
-        input, out, method=chosen, checkpoint=model, reference_dir=reference, progress=not quiet
-    )
+    with _settings(workers=workers):
+        result = segment_folder(
+            input, out, method=chosen, checkpoint=model, reference_dir=reference, progress=not quiet
+        )
     typer.echo(
         f"{result.num_ok} volume(s) segmented, {result.num_error} failed, "
         f"{len(result.skipped)} file(s) skipped; summary: {result.summary_csv}"

@@ -151,7 +151,9 @@ def load_predictor(
         from ichseg.segmentation.masking import make_masker
 
         output_masker = make_masker(config.masking.model_copy(update={"method": "classical"}))
-    model.to(dev, memory_format=torch.channels_last).eval()
+    from ichseg.engine.predict import prepare_for_inference
+
+    prepare_for_inference(model, dev)
     return Predictor(config, model, thresholds, preprocessor, output_masker, dev)
 
 

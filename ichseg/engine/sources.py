@@ -226,7 +226,13 @@ _SCAN_LEVEL_FORMATS = ("cq500",)
 
 
 class CTFileSource(Source):
-    """DICOM series and NIfTI volumes under ``data.root`` with a label table."""
+    """DICOM series and NIfTI volumes under ``data.root`` with a label table.
+
+    When every file under the root is DICOM (no NIfTI), :meth:`per_slice_files` offers the
+    files for the slice cache's per-slice build (one parse per file, series assembled from a
+    compact index afterwards: see :mod:`ichseg.engine.cache`); otherwise, and whenever a
+    volume-level step (intracranial masking) needs whole series, units are series and volumes.
+    """
 
     def __init__(self, data: DataConfig, cache_root: Path) -> None:
         super().__init__(data, cache_root)
@@ -238,15 +244,38 @@ class CTFileSource(Source):
 
         self.format = detect_label_format(data.labels)
         self.label_level = "series" if self.format in _SCAN_LEVEL_FORMATS else "slice"
+        self._listing = None
+
+    def listing(self):
+        """The files under ``data.root`` (:func:`ichseg.io.walk.list_compact`), listed once."""
+        if self._listing is None:
+            from ichseg.io.walk import list_compact
+
+            self._listing = list_compact(self.data.root)  # type: ignore[arg-type]
+        return self._listing
 
     def identity(self) -> dict[str, Any]:
+        listing = self.listing()
         return {
             "source": self.data.source,
             "root": _stat(self.data.root),
+            # Every file's name, size and mtime: a file added, removed or rewritten anywhere
+            # under the root is a different data set.
+            "listing": [len(listing), listing.digest()],
             "labels": _stat(self.data.labels),
             "group_pattern": self.data.group_pattern,
             "demographics": _stat(self.data.demographics),
         }
+
+    def per_slice_files(self) -> np.ndarray | None:
+        """The candidate files (``os.fsencode`` paths, listing order) when the root holds no
+        NIfTI, else None."""
+        paths = self.listing().paths
+        if len(paths):
+            lower = np.char.lower(paths)
+            if (np.char.endswith(lower, b".nii") | np.char.endswith(lower, b".nii.gz")).any():
+                return None
+        return paths
 
     def units(self) -> list[Unit]:
         from ichseg.io.loader import index_input
@@ -260,6 +289,16 @@ class CTFileSource(Source):
         units += [Unit(f"nifti:{p}", 0, ("nifti", p)) for p in index.nifti_files]
         return units
 
+    def patient_id(self, source: str, metadata_patient_id: str) -> str:
+        """The patient id of a volume read from ``source``: ``data.group_pattern`` when set."""
+        group = _group_from_pattern(self.data.group_pattern, Path(source), self.data.root)
+        return metadata_patient_id if group is None else group
+
+    def labels_for(self, sop_uids: list[str], patient_id: str) -> np.ndarray:
+        """``(Z, 6)`` labels of a volume's slices (NaN where the table has none)."""
+        table = _label_table(str(self.data.labels))
+        return _labels_for_slices(sop_uids, patient_id, table, self.format)
+
     def read(self, unit: Unit) -> LabelledSlices:
         from ichseg.io.dicom import read_series
         from ichseg.io.nifti import read_nifti
@@ -269,8 +308,7 @@ class CTFileSource(Source):
         group = _group_from_pattern(self.data.group_pattern, Path(volume.source), self.data.root)
         if group is not None:
             volume.metadata["PatientID"] = group
-        table = _label_table(str(self.data.labels))
-        labels = _labels_for_volume(volume, table, self.format)
+        labels = self.labels_for(list(volume.sop_uids), volume.patient_id)
         warnings = list(volume.warnings)
         if np.isnan(labels[:, 0]).all():
             warnings.append(f"no labels for any slice of {volume.source}")
@@ -301,17 +339,17 @@ class CTFileSource(Source):
         return merge(volume_attributes(volume), found)
 
 
-def _labels_for_volume(volume: CTVolume, table, fmt: str) -> np.ndarray:
+def _labels_for_slices(sop_uids: list[str], patient_id: str, table, fmt: str) -> np.ndarray:
     from ichseg.io.labels import ctich_key, rsna_key
 
-    labels = np.full((volume.num_slices, len(SUBTYPES)), np.nan, dtype=np.float32)
-    for z, sop in enumerate(volume.sop_uids):
+    labels = np.full((len(sop_uids), len(SUBTYPES)), np.nan, dtype=np.float32)
+    for z, sop in enumerate(sop_uids):
         if fmt == "rsna":
             key = rsna_key(sop)
         elif fmt == "ctich":
-            key = ctich_key(volume.patient_id, z + 1)
+            key = ctich_key(patient_id, z + 1)
         elif fmt == "cq500":
-            key = volume.patient_id
+            key = patient_id
         else:
             key = sop
         if key in table:

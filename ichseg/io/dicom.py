@@ -1,9 +1,27 @@
-"""DICOM CT series: header-only discovery, geometric sorting and HU conversion.
+"""DICOM CT series: discovery, geometric sorting and HU conversion, in one pass or two.
 
-Discovery reads headers only, so a flat folder of many thousands of one-slice files (the RSNA
-layout) is grouped into series without decoding any pixels. Reading a series sorts its slices by
-position along the slice normal (never by file name or InstanceNumber), applies the RSNA 12-bit
-intercept fix and RescaleSlope/Intercept, and reports geometry quirks as warnings.
+Reading a series sorts its slices by position along the slice normal (never by file name or
+InstanceNumber), applies the RSNA 12-bit intercept fix and RescaleSlope/Intercept, and reports
+geometry quirks as warnings. Two ways to get there give the same volumes:
+
+* two passes (``discover_series``/``index_input`` then ``read_series``): headers only first,
+  so a tree is grouped into series without holding any pixels, then each series decoded when it
+  is read. Each file is parsed twice; the commands that read whole volumes (``predict``,
+  ``segment``, ``inspect``) work this way, with both passes spread over worker processes for
+  large inputs (``ichseg.io.loader``, ``ichseg.io.workers``);
+* one pass (``parse_file``): each file parsed once, its header for grouping and sorting and its
+  pixels decoded from the same read. A series is complete only once every file that may belong
+  to it has been parsed (in the RSNA layout, one flat folder of ~750,000 one-slice files, that
+  is the whole folder), so the pixels cannot wait for their series: the slice cache
+  (``ichseg.engine.cache``) windows each slice as it is parsed and keeps only the header fields
+  (``ichseg.io.dicom_table``), and ``series_layout`` then applies exactly the rules of
+  ``read_series`` to those fields, one series at a time, without pixels.
+
+Per file, one pass costs one ``dcmread`` and the pixel decoding plus converting ~30 header
+elements; element values are converted straight from the raw elements with pydicom's own
+rules (``convert_raw_data_element``) and uncompressed pixels go to pydicom's decoder with their
+options, which avoids ``Dataset.__getitem__``'s bookkeeping and the second conversion of the
+pixel module; ``benchmarks/README.md`` has the figures.
 
 What happens to a bad file (the same rule in every command):
 
@@ -30,7 +48,7 @@ import os
 import warnings as py_warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +205,19 @@ class SliceHeader:
 
 @dataclass
 class SeriesFiles:
-    """The files of one series as found by discovery, not yet decoded."""
+    """The files of one series as found by discovery.
+
+    Attributes:
+        series_uid: SeriesInstanceUID.
+        headers: one per file.
+        decoded: slices already decoded (by a single-pass or parallel reader), by path
+            string: a :class:`DecodedSlice`, or the reason its pixels cannot be used.
+            :func:`read_series` decodes the files missing here itself.
+    """
 
     series_uid: str
     headers: list[SliceHeader]
+    decoded: dict[str, DecodedSlice | str] | None = field(default=None, repr=False)
 
     @property
     def folder(self) -> Path:
@@ -319,70 +346,175 @@ def _sop_class_name(uid: str) -> str:
 
 
 def _read_header(path: Path) -> SliceHeader:
+    file_size = _file_size(path)
+    return _header_from_dataset(path, _dcmread_header(path), file_size)
+
+
+def _file_size(path: Path) -> int:
+    """The file's size; raises for a file that cannot be read or holds nothing."""
     try:
         file_size = path.stat().st_size
     except OSError as error:
         raise InputError(path, f"cannot read file ({error.strerror})") from None
     if file_size == 0:
         raise InputError(path, "empty file (0 bytes)")
-    ds = _dcmread_header(path)
+    return file_size
+
+
+class _Values:
+    """Element values of one dataset, each converted once with pydicom's own rules.
+
+    ``Dataset.get(keyword)`` converts an element through ``Dataset.__getitem__``, which also
+    recomputes the character set and stores the converted element back: about half the cost of
+    reading a header. This converts the raw element directly (``convert_raw_data_element``, the
+    same hooks: VR lookup for implicit VR, UN replaced by the dictionary VR, character sets).
+    Elements with an ambiguous VR (``US or SS``, ``OB or OW``), whose VR depends on other
+    elements, still go through the dataset.
+    """
+
+    def __init__(self, ds) -> None:
+        from pydicom.charset import default_encoding
+
+        self.ds = ds
+        self.encoding = ds.original_character_set or default_encoding
+        encoding = self.encoding
+        self.encoding_key = tuple(encoding) if isinstance(encoding, list) else encoding
+        self.converted: dict[int, Any] = {}
+        meta = getattr(ds, "file_meta", None)
+        self.transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta else ""
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        from pydicom.dataelem import RawDataElement, convert_raw_data_element
+        from pydicom.valuerep import AMBIGUOUS_VR
+
+        tag = _tag_number(keyword)
+        if tag in self.converted:
+            return self.converted[tag]
+        raw = self.ds.get_item(tag)
+        if raw is None:
+            return default
+        if not isinstance(raw, RawDataElement):
+            value = raw.value
+        else:
+            # Most elements repeat across the files of a series (sizes, orientation, spacing,
+            # the study and patient fields): their conversions are remembered by raw bytes.
+            key = None
+            if keyword not in _PER_FILE and raw.value is not None and len(raw.value) <= 256:
+                key = (tag, raw.VR, raw.value, raw.is_little_endian, self.encoding_key)
+                if key in _CONVERTED:
+                    self.converted[tag] = _CONVERTED[key]
+                    return _CONVERTED[key]
+            element = convert_raw_data_element(raw, encoding=self.encoding, ds=self.ds)
+            if element.VR in AMBIGUOUS_VR:
+                value, key = self.ds[tag].value, None
+            else:
+                value = element.value
+            if key is not None:
+                if len(_CONVERTED) >= _CONVERTED_LIMIT:
+                    _CONVERTED.clear()
+                _CONVERTED[key] = value
+        self.converted[tag] = value
+        return value
+
+
+# Elements whose value differs from file to file: not worth remembering.
+_PER_FILE = frozenset({"SOPInstanceUID", "ImagePositionPatient", "InstanceNumber"})
+# Converted values by (tag, VR, raw bytes, byte order, character set); values are only read.
+_CONVERTED: dict[tuple, Any] = {}
+_CONVERTED_LIMIT = 4096
+
+
+_TAG_NUMBERS: dict[str, int] = {}
+
+
+def _tag_number(keyword: str) -> int:
+    number = _TAG_NUMBERS.get(keyword)
+    if number is None:
+        from pydicom.datadict import tag_for_keyword
+
+        number = tag_for_keyword(keyword)
+        if number is None:
+            raise KeyError(keyword)
+        _TAG_NUMBERS[keyword] = number = int(number)
+    return number
+
+
+# What a header-only read holds at most: the header tags and the character set.
+_HEADER_TAG_NUMBERS: frozenset[int] = frozenset()
+
+
+def _header_tag_numbers() -> frozenset[int]:
+    global _HEADER_TAG_NUMBERS
+    if not _HEADER_TAG_NUMBERS:
+        from pydicom.datadict import tag_for_keyword
+
+        numbers = {int(tag_for_keyword(k)) for k in _HEADER_TAGS}  # type: ignore[arg-type]
+        _HEADER_TAG_NUMBERS = frozenset(numbers | {0x00080005})
+    return _HEADER_TAG_NUMBERS
+
+
+def _header_from_dataset(
+    path: Path, ds, file_size: int, values: _Values | None = None
+) -> SliceHeader:
+    """The :class:`SliceHeader` of a dataset read header-only or in full (the same values)."""
+    values = values or _Values(ds)
     file_meta = getattr(ds, "file_meta", None)
     media_class = str(file_meta.get("MediaStorageSOPClassUID", "") or "") if file_meta else ""
-    sop_class = str(ds.get("SOPClassUID", "") or "") or media_class
+    sop_class = str(values.get("SOPClassUID", "") or "") or media_class
     if _DICOMDIR_SOP_CLASS in (media_class, sop_class):
         raise NotAnImage(path, "DICOMDIR (index of a media set)")
-    rows, columns = _as_int(ds.get("Rows")) or 0, _as_int(ds.get("Columns")) or 0
-    modality = str(ds.get("Modality", "") or "")
+    rows, columns = _as_int(values.get("Rows")) or 0, _as_int(values.get("Columns")) or 0
+    modality = str(values.get("Modality", "") or "")
     if not (rows or columns) and modality.upper() != CT_MODALITY:
         if sop_class not in _CT_SOP_CLASSES:
             raise NotAnImage(path, f"{_sop_class_name(sop_class)} without an image")
-    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-    if not series_uid and len(ds) == 0:
+    series_uid = str(values.get("SeriesInstanceUID", "") or "")
+    if not series_uid and not any(int(tag) in _header_tag_numbers() for tag in ds.keys()):
         raise InputError(path, "DICOM file without any data element (truncated header?)")
     if not series_uid:
         raise InputError(path, "DICOM file without SeriesInstanceUID")
-    transfer_syntax = str(file_meta.get("TransferSyntaxUID", "") or "") if file_meta else ""
+    transfer_syntax = values.transfer_syntax
     metadata = {
-        "PatientID": str(ds.get("PatientID", "") or "").strip(),
-        "StudyInstanceUID": str(ds.get("StudyInstanceUID", "") or ""),
+        "PatientID": str(values.get("PatientID", "") or "").strip(),
+        "StudyInstanceUID": str(values.get("StudyInstanceUID", "") or ""),
         "SeriesInstanceUID": series_uid,
-        "PatientAge": str(ds.get("PatientAge", "") or ""),
-        "PatientSex": str(ds.get("PatientSex", "") or ""),
-        "KVP": _as_float(ds.get("KVP")),
-        "Manufacturer": str(ds.get("Manufacturer", "") or ""),
-        "ConvolutionKernel": _text(ds.get("ConvolutionKernel")),
-        "SliceThickness": _as_float(ds.get("SliceThickness")),
-        "ManufacturerModelName": _text(ds.get("ManufacturerModelName")),
-        "InstitutionName": _text(ds.get("InstitutionName")),
-        "XRayTubeCurrent": _as_float(ds.get("XRayTubeCurrent")),
-        "Exposure": _as_float(ds.get("Exposure")),
-        "PatientPosition": _text(ds.get("PatientPosition")),
-        "WindowCenter": _first_float(ds.get("WindowCenter")),
-        "WindowWidth": _first_float(ds.get("WindowWidth")),
+        "PatientAge": str(values.get("PatientAge", "") or ""),
+        "PatientSex": str(values.get("PatientSex", "") or ""),
+        "KVP": _as_float(values.get("KVP")),
+        "Manufacturer": str(values.get("Manufacturer", "") or ""),
+        "ConvolutionKernel": _text(values.get("ConvolutionKernel")),
+        "SliceThickness": _as_float(values.get("SliceThickness")),
+        "ManufacturerModelName": _text(values.get("ManufacturerModelName")),
+        "InstitutionName": _text(values.get("InstitutionName")),
+        "XRayTubeCurrent": _as_float(values.get("XRayTubeCurrent")),
+        "Exposure": _as_float(values.get("Exposure")),
+        "PatientPosition": _text(values.get("PatientPosition")),
+        "WindowCenter": _first_float(values.get("WindowCenter")),
+        "WindowWidth": _first_float(values.get("WindowWidth")),
     }
-    image_type = ds.get("ImageType") or ()
+    image_type = values.get("ImageType") or ()
     if isinstance(image_type, str):
         image_type = (image_type,)
     return SliceHeader(
         path=path,
         series_uid=series_uid,
-        sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        sop_uid=str(values.get("SOPInstanceUID", "") or ""),
         modality=modality,
         image_type=tuple(str(v).upper() for v in image_type),
-        position=_float_tuple(ds.get("ImagePositionPatient")),
-        orientation=_float_tuple(ds.get("ImageOrientationPatient")),
-        pixel_spacing=_float_tuple(ds.get("PixelSpacing")),
+        position=_float_tuple(values.get("ImagePositionPatient")),
+        orientation=_float_tuple(values.get("ImageOrientationPatient")),
+        pixel_spacing=_float_tuple(values.get("PixelSpacing")),
         rows=rows,
         columns=columns,
-        instance_number=_as_int(ds.get("InstanceNumber")),
-        frames=_as_int(ds.get("NumberOfFrames")) or 1,
+        instance_number=_as_int(values.get("InstanceNumber")),
+        frames=_as_int(values.get("NumberOfFrames")) or 1,
         transfer_syntax=transfer_syntax,
         metadata=metadata,
         sop_class_uid=sop_class,
-        samples_per_pixel=_as_int(ds.get("SamplesPerPixel")),
-        bits_allocated=_as_int(ds.get("BitsAllocated")),
+        samples_per_pixel=_as_int(values.get("SamplesPerPixel")),
+        bits_allocated=_as_int(values.get("BitsAllocated")),
         file_size=file_size,
-        has_intercept=ds.get("RescaleIntercept") not in (None, ""),
+        has_intercept=values.get("RescaleIntercept") not in (None, ""),
     )
 
 
@@ -393,41 +525,76 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def scan_files(paths: Iterable[Path]) -> DicomScan:
+SCAN_CHUNK = 64
+"""Files per task when headers are read in worker processes."""
+PROGRESS_MIN_FILES = 2000
+"""Inputs of at least this many files show discovery progress unless told otherwise."""
+
+
+def scan_files(
+    paths: Iterable[Path], workers: int | None = None, progress: bool | None = None
+) -> DicomScan:
     """Read the header of each file and group the CT slices by SeriesInstanceUID.
 
     NIfTI files are neither read nor reported here.
+
+    Args:
+        paths: the candidate files.
+        workers: processes reading headers (default: ``ICHSEG_WORKERS`` or the CPUs
+            available); inputs under ``MIN_PARALLEL_FILES`` files are read in this process.
+        progress: a progress bar (default: for inputs of ``PROGRESS_MIN_FILES`` files or more).
     """
+    from ichseg.io.workers import MIN_PARALLEL_FILES, chunked, ordered_map, resolve_workers
+    from ichseg.progress import progress as progress_bar
+
+    candidates = [Path(p) for p in paths if not is_nifti(Path(p))]
     groups: dict[str, list[SliceHeader]] = defaultdict(list)
     scan = DicomScan()
-    for path in paths:
-        if is_nifti(path):
-            continue
-        try:
-            header = read_header(path)
-        except NotAnImage as other:
-            log.debug("leaving out %s: %s", path, other.reason)
-            scan.ignored.append((str(path), other.reason))
-            continue
-        except InputError as error:
-            scan.skipped.append((str(path), error.reason))
-            continue
-        reason = _unusable_reason(header)
-        if reason:
-            scan.skipped.append((str(path), reason))
-            continue
-        groups[header.series_uid].append(header)
+    show = len(candidates) >= PROGRESS_MIN_FILES if progress is None else progress
+    bar = progress_bar(total=len(candidates), desc="headers", unit="file", enabled=show)
+
+    def add(parsed: ParsedFile) -> None:
+        if parsed.ignored is not None:
+            log.debug("leaving out %s: %s", parsed.path, parsed.ignored)
+            scan.ignored.append((str(parsed.path), parsed.ignored))
+        elif parsed.skipped is not None:
+            scan.skipped.append((str(parsed.path), parsed.skipped))
+        elif parsed.header is not None:
+            groups[parsed.header.series_uid].append(parsed.header)
+        bar.update(1)
+
+    workers = resolve_workers(workers)
+    if workers > 1 and len(candidates) >= MIN_PARALLEL_FILES:
+        for parsed_chunk in ordered_map(_parse_headers, chunked(candidates, SCAN_CHUNK), workers):
+            for parsed in parsed_chunk:
+                add(parsed)
+    else:
+        for path in candidates:
+            add(parse_file(path, decode=False))
+    bar.close()
     scan.series = [SeriesFiles(uid, headers) for uid, headers in groups.items()]
     scan.series.sort(key=lambda s: str(s.headers[0].path))
     return scan
 
 
-def discover_series(root: str | Path) -> DicomScan:
+def _parse_headers(paths: list[Path]) -> list[ParsedFile]:
+    """Worker task: the headers of a few files."""
+    return [parse_file(path, decode=False) for path in paths]
+
+
+def discover_series(
+    root: str | Path, workers: int | None = None, progress: bool | None = None
+) -> DicomScan:
     """Group every DICOM file under ``root`` (a folder tree or one file) by SeriesInstanceUID.
 
     Files that are not DICOM, not CT, or localizers are listed in ``skipped`` with the reason;
     non-image DICOM objects (DICOMDIR, reports) in ``ignored``. Directory symlinks are followed
     once; broken links are skipped with a reason. NIfTI files are neither read nor reported.
+
+    Args:
+        root: a folder tree or one file.
+        workers: processes reading headers (see :func:`scan_files`).
+        progress: a progress bar (see :func:`scan_files`).
 
     Raises:
         InputError: ``root`` does not exist or cannot be listed.
@@ -435,7 +602,7 @@ def discover_series(root: str | Path) -> DicomScan:
     from ichseg.io.walk import list_files
 
     listing = list_files(root)
-    scan = scan_files(listing.files)
+    scan = scan_files(listing.files, workers=workers, progress=progress)
     scan.skipped = listing.skipped + scan.skipped
     return scan
 
@@ -489,15 +656,22 @@ def hu_from_stored(
 
 @dataclass
 class DecodedSlice:
-    """One slice in HU and how its rescale was obtained."""
+    """One slice in HU and how its rescale was obtained.
 
-    hu: np.ndarray
+    ``hu`` is None where the pixels went elsewhere (the slice cache keeps only its windows);
+    ``shape`` is always the decoded ``(rows, columns)``. ``stored_range`` and ``has_air`` (what
+    the rescale rule looks at) are measured only when ``intercept_missing``, else (0, 0) and
+    False.
+    """
+
+    hu: np.ndarray | None
     fixed_12bit: bool
     slope_assumed: bool
     intercept_missing: bool
     signed: bool
     stored_range: tuple[float, float]
     has_air: bool
+    shape: tuple[int, int] = (0, 0)
 
 
 def _pixel_problem(header: SliceHeader) -> str | None:
@@ -522,9 +696,9 @@ def _pixel_problem(header: SliceHeader) -> str | None:
     return None
 
 
-def _rescale_value(ds, keyword: str) -> tuple[float | None, str | None]:
+def _rescale_value(values: _Values, keyword: str) -> tuple[float | None, str | None]:
     """(value, None), (None, None) when absent, or (None, reason) when present but unusable."""
-    element = ds.get(keyword)
+    element = values.get(keyword)
     if element is None or element == "":
         return None, None
     value = _as_float(element)
@@ -544,44 +718,119 @@ def decode_slice(path: Path) -> DecodedSlice:
         InputError: the pixels cannot be decoded, or the rescale is present but unusable
             (RescaleSlope 0 or not a finite number).
     """
+    return _decode_dataset(path, _dcmread_full(path))
+
+
+def _dcmread_full(path: Path):
+    """The whole dataset, pixels included (raw dumps without a preamble too)."""
     pydicom = _quiet_pydicom()
+    from pydicom.errors import InvalidDicomError
+
     with py_warnings.catch_warnings():
         py_warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(path, force=_looks_like_raw_dataset(path))
+            try:
+                return pydicom.dcmread(path)
+            except InvalidDicomError:
+                # No preamble: read it anyway when it starts like a raw dataset.
+                if not _looks_like_raw_dataset(path):
+                    raise
+                return pydicom.dcmread(path, force=True)
         except Exception as error:
             raise InputError(path, f"cannot read file ({one_line(error)})") from None
+
+
+# Uncompressed little-endian syntaxes: the pixel bytes can go to pydicom's decoder as they are.
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+# Image Pixel module elements -> pydicom decoding options (``as_pixel_options``).
+_PIXEL_OPTIONS = {
+    "SamplesPerPixel": "samples_per_pixel",
+    "PhotometricInterpretation": "photometric_interpretation",
+    "PlanarConfiguration": "planar_configuration",
+    "NumberOfFrames": "number_of_frames",
+    "Rows": "rows",
+    "Columns": "columns",
+    "BitsAllocated": "bits_allocated",
+    "BitsStored": "bits_stored",
+    "PixelRepresentation": "pixel_representation",
+}
+_OTHER_PIXEL_DATA = (0x7FE00008, 0x7FE00009, 0x7FE00001)  # float, double, extended offsets
+
+
+def _stored_pixels(ds, values: _Values) -> np.ndarray:
+    """``pydicom.pixels.pixel_array(ds)`` (what ``ds.pixel_array`` returns).
+
+    For uncompressed little-endian data the decoder is given the pixel bytes and the Image
+    Pixel options that ``pixel_array(ds)`` would collect from the dataset (the same options,
+    validation and processing, without converting the group 0028 elements a second time);
+    anything else goes through ``pixel_array(ds)`` itself.
+    """
+    from pydicom.dataelem import RawDataElement
+    from pydicom.pixels import get_decoder, pixel_array
+
+    syntax = values.transfer_syntax
+    raw = ds.get_item(0x7FE00010)
+    if (
+        syntax not in _NATIVE_LITTLE_ENDIAN
+        or not isinstance(raw, RawDataElement)
+        or raw.value is None
+        or any(tag in ds for tag in _OTHER_PIXEL_DATA)
+    ):
+        return pixel_array(ds)
+    options: dict[str, Any] = {}
+    for keyword, option in _PIXEL_OPTIONS.items():
+        if _tag_number(keyword) in ds:
+            options[option] = values.get(keyword)
+    frames = options.get("number_of_frames", 1)
+    frames = int(frames) if isinstance(frames, str) else frames
+    options["number_of_frames"] = 1 if frames in (None, 0) else frames
+    options["pixel_keyword"] = "PixelData"
+    options["pixel_vr"] = raw.VR or "OW"
+    return get_decoder(syntax).as_array(raw.value, **options)[0]
+
+
+def _decode_dataset(path: Path, ds, values: _Values | None = None) -> DecodedSlice:
+    """:func:`decode_slice` on a dataset already read in full."""
+    values = values or _Values(ds)
+    with py_warnings.catch_warnings():
+        py_warnings.simplefilter("ignore")
         if "PixelData" not in ds:
             raise InputError(path, "no PixelData element (truncated file or no image)")
-        _fill_transfer_syntax(ds)
+        if not values.transfer_syntax:
+            values.transfer_syntax = _fill_transfer_syntax(ds)
         try:
-            stored = ds.pixel_array
+            stored = _stored_pixels(ds, values)
         except Exception as error:  # each decoder plugin raises its own types
-            syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            syntax = values.transfer_syntax
             name = _TRANSFER_SYNTAX_NAMES.get(syntax, syntax)
             raise InputError(
                 path, f"cannot decode pixel data ({name}): {one_line(error)}"
             ) from None
     if stored.ndim != 2:
         raise InputError(path, f"expected one 2D frame, got pixel array shape {stored.shape}")
-    slope, problem = _rescale_value(ds, "RescaleSlope")
+    slope, problem = _rescale_value(values, "RescaleSlope")
     if problem is None and slope == 0:
         problem = "RescaleSlope is 0: HU cannot be computed"
-    intercept, intercept_problem = _rescale_value(ds, "RescaleIntercept")
+    intercept, intercept_problem = _rescale_value(values, "RescaleIntercept")
     if problem or intercept_problem:
         raise InputError(path, problem or intercept_problem)
-    padding = _as_float(ds.get("PixelPaddingValue"))
-    pixel_representation = _as_int(ds.get("PixelRepresentation"))
+    padding = _as_float(values.get("PixelPaddingValue"))
+    pixel_representation = _as_int(values.get("PixelRepresentation"))
     hu, fixed = hu_from_stored(
         stored,
         slope=1.0 if slope is None else slope,
         intercept=0.0 if intercept is None else intercept,
-        bits_stored=_as_int(ds.get("BitsStored")),
+        bits_stored=_as_int(values.get("BitsStored")),
         pixel_representation=pixel_representation,
         padding_value=padding,
     )
-    low, high = float(stored.min()), float(stored.max())
-    air = (stored >= AIR_STORED_RANGE[0]) & (stored <= AIR_STORED_RANGE[1])
+    # What the rescale rule looks at, needed only for a slice without RescaleIntercept.
+    low = high = 0.0
+    has_air = False
+    if intercept is None:
+        low, high = float(stored.min()), float(stored.max())
+        air = (stored >= AIR_STORED_RANGE[0]) & (stored <= AIR_STORED_RANGE[1])
+        has_air = bool(air.any())
     return DecodedSlice(
         hu=hu,
         fixed_12bit=fixed,
@@ -589,12 +838,85 @@ def decode_slice(path: Path) -> DecodedSlice:
         intercept_missing=intercept is None,
         signed=pixel_representation == 1 or np.issubdtype(stored.dtype, np.signedinteger),
         stored_range=(low, high),
-        has_air=bool(air.any()),
+        has_air=has_air,
+        shape=(int(hu.shape[0]), int(hu.shape[1])),
     )
 
 
-def _fill_transfer_syntax(ds) -> None:
-    """Give a dataset read without file meta (old raw dumps) the syntax it was read with."""
+@dataclass
+class ParsedFile:
+    """What one parse of one file gives: its header and, from the same read, its pixels.
+
+    Exactly one of ``header``, ``skipped`` and ``ignored`` is set. With a header, ``decoded``
+    holds the pixels when they could be used, else ``decode_error`` says why not (the slice is
+    then dropped from its series with that reason); both are None when decoding was not asked
+    for or the header already rules the pixels out (``_pixel_problem``).
+    """
+
+    path: Path
+    header: SliceHeader | None = None
+    decoded: DecodedSlice | None = None
+    decode_error: str | None = None
+    skipped: str | None = None
+    ignored: str | None = None
+
+
+def parse_file(path: str | Path, decode: bool = True) -> ParsedFile:
+    """Read one file once: its header for grouping and sorting, and its pixels in HU.
+
+    The single pass of the fast readers. Outcomes are those of :func:`read_header` followed by
+    :func:`decode_slice`: the same header values, the same skip and drop reasons. A file whose
+    full read fails (truncated pixel data) is read again header-only, so that it is dropped
+    from its series, as the two-pass reader does, rather than skipped.
+
+    Args:
+        path: the file.
+        decode: also decode the pixels (False: header only, like :func:`read_header`).
+    """
+    path = Path(path)
+    with py_warnings.catch_warnings():
+        py_warnings.simplefilter("ignore")
+        try:
+            return _parse(path, decode)
+        except NotAnImage as other:
+            return ParsedFile(path, ignored=other.reason)
+        except InputError as error:
+            return ParsedFile(path, skipped=error.reason)
+
+
+def _parse(path: Path, decode: bool) -> ParsedFile:
+    file_size = _file_size(path)
+    ds, read_error = None, None
+    if decode:
+        try:
+            ds = _dcmread_full(path)
+        except InputError as error:
+            read_error = error.reason
+    if ds is None:
+        values = None
+        header = _header_from_dataset(path, _dcmread_header(path), file_size)
+    else:
+        values = _Values(ds)
+        header = _header_from_dataset(path, ds, file_size, values)
+    parsed = ParsedFile(path, header=header)
+    reason = _unusable_reason(header)
+    if reason:
+        return ParsedFile(path, skipped=reason)
+    if not decode or _pixel_problem(header):
+        return parsed
+    if ds is None:
+        parsed.decode_error = read_error
+        return parsed
+    try:
+        parsed.decoded = _decode_dataset(path, ds, values)
+    except InputError as error:
+        parsed.decode_error = error.reason
+    return parsed
+
+
+def _fill_transfer_syntax(ds) -> str:
+    """Give a dataset read without file meta (old raw dumps) the syntax it was read with;
+    returns the dataset's transfer syntax."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import (
         ExplicitVRBigEndian,
@@ -604,7 +926,7 @@ def _fill_transfer_syntax(ds) -> None:
 
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("TransferSyntaxUID"):
-        return
+        return str(meta.TransferSyntaxUID)
     implicit, little = getattr(ds, "original_encoding", (True, True))
     if meta is None:
         ds.file_meta = meta = FileMetaDataset()
@@ -612,6 +934,7 @@ def _fill_transfer_syntax(ds) -> None:
         meta.TransferSyntaxUID = ImplicitVRLittleEndian
     else:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    return str(meta.TransferSyntaxUID)
 
 
 def _majority(values: list[Any]) -> Any:
@@ -635,18 +958,75 @@ class _SeriesNotes:
         self.dropped.append((str(header.path), reason))
 
 
+@dataclass
+class SeriesLayout:
+    """Everything :func:`read_series` decides about a series except its pixel array.
+
+    Attributes:
+        series_uid: SeriesInstanceUID.
+        source: the series' folder (one file: the file), as ``CTVolume.source``.
+        headers: the files that make the volume, in volume order (sorted along the normal).
+        decoded: the decode outcome of each of them (``hu`` may be None).
+        slice_positions: position of each along the slice normal (mm).
+        affine: voxel ``(x, y, z)`` -> RAS+ mm.
+        metadata, warnings, quality_flags, dropped: as on :class:`CTVolume`.
+    """
+
+    series_uid: str
+    source: str
+    headers: list[SliceHeader]
+    decoded: list[DecodedSlice]
+    slice_positions: np.ndarray
+    affine: np.ndarray
+    metadata: dict[str, Any]
+    warnings: list[str]
+    quality_flags: list[str]
+    dropped: list[tuple[str, str]]
+
+
 def read_series(series: SeriesFiles) -> CTVolume:
     """Decode one series into a CT volume sorted along the slice normal.
 
     Slices that cannot be used are dropped (see the module docstring) and listed in the
     volume's ``dropped``; gantry tilt, irregular spacing and missing slices are reported as
-    warnings; every assumption adds a code to ``quality_flags``.
+    warnings; every assumption adds a code to ``quality_flags``. Slices in
+    ``series.decoded`` are taken from there instead of being decoded again.
 
     Raises:
         UnusableSeries: no slice of the series can be used (the error names the folder and
             carries every dropped file with its reason).
         InputError: the series would need more memory than ``max_volume_bytes()``.
     """
+    layout, hu = _assemble(series, with_pixels=True)
+    return CTVolume(
+        hu=hu,
+        affine=layout.affine,
+        source=layout.source,
+        series_uid=layout.series_uid,
+        slice_positions=layout.slice_positions,
+        sop_uids=[h.sop_uid for h in layout.headers],
+        instance_numbers=[h.instance_number for h in layout.headers],
+        metadata=layout.metadata,
+        warnings=layout.warnings,
+        quality_flags=layout.quality_flags,
+        dropped=layout.dropped,
+    )
+
+
+def series_layout(series: SeriesFiles) -> SeriesLayout:
+    """:func:`read_series` without the pixel array: the same files, order, geometry and notes.
+
+    Meant for series whose slices were decoded elsewhere (``series.decoded`` with or without
+    ``hu``, e.g. the slice cache, which keeps only each slice's windows); a file missing there
+    is decoded here.
+
+    Raises:
+        UnusableSeries, InputError: as :func:`read_series`.
+    """
+    return _assemble(series, with_pixels=False)[0]
+
+
+def _assemble(series: SeriesFiles, with_pixels: bool) -> tuple[SeriesLayout, np.ndarray | None]:
     notes = _SeriesNotes()
     headers = _usable_headers(series, notes)
     orientation, headers = _series_value(headers, notes, _ORIENTATION)
@@ -662,7 +1042,7 @@ def read_series(series: SeriesFiles) -> CTVolume:
                 f"{needed / 1024**3:.1f} GiB, above the limit of "
                 f"{max_volume_bytes() / 1024**3:.1f} GiB (set ICHSEG_MAX_VOLUME_BYTES)",
             )
-    hu, headers, distances, fixed_count = _decode_series(slices, distances, series.folder, notes)
+    hu, headers, distances, decoded = _decode_series(slices, distances, series, notes, with_pixels)
     if not headers:
         raise _unusable(series, notes.dropped)
 
@@ -696,6 +1076,7 @@ def read_series(series: SeriesFiles) -> CTVolume:
         distances = np.arange(len(headers)) * step_length
     first_position = headers[0].position if have_positions else (0.0, 0.0, 0.0)
 
+    fixed_count = sum(d.fixed_12bit for d in decoded)
     if fixed_count:
         notes.assume(
             "rescale_12bit_fix", f"RSNA 12-bit intercept fix applied to {fixed_count} slice(s)"
@@ -707,19 +1088,19 @@ def read_series(series: SeriesFiles) -> CTVolume:
     metadata = dict(headers[0].metadata)
     metadata["TransferSyntaxUID"] = sorted({h.transfer_syntax for h in headers})
     _patient_id_fallback(metadata, series.series_uid, notes)
-    return CTVolume(
-        hu=hu,
-        affine=dicom_affine(first_position, orientation, pixel_spacing, step),
-        source=str(series.folder if len(series.headers) > 1 else series.headers[0].path),
+    layout = SeriesLayout(
         series_uid=series.series_uid,
-        slice_positions=distances,
-        sop_uids=[h.sop_uid for h in headers],
-        instance_numbers=[h.instance_number for h in headers],
+        source=str(series.folder if len(series.headers) > 1 else series.headers[0].path),
+        headers=headers,
+        decoded=decoded,
+        slice_positions=np.asarray(distances, dtype=np.float64),
+        affine=dicom_affine(first_position, orientation, pixel_spacing, step),
         metadata=metadata,
         warnings=notes.warnings,
         quality_flags=notes.flags,
         dropped=notes.dropped,
     )
+    return layout, hu
 
 
 def _unusable(series: SeriesFiles, dropped: list[tuple[str, str]]) -> UnusableSeries:
@@ -913,22 +1294,39 @@ def _relative(path: Path, folder: Path) -> str:
         return str(path)
 
 
+def _decoded(header: SliceHeader, series: SeriesFiles, with_pixels: bool) -> DecodedSlice:
+    """The decode outcome of one file: from ``series.decoded`` when there, else decoded now."""
+    known = series.decoded.get(str(header.path)) if series.decoded else None
+    if isinstance(known, str):
+        raise InputError(header.path, known)
+    if known is None or (with_pixels and known.hu is None):
+        return decode_slice(header.path)
+    return known
+
+
 def _decode_series(
-    slices: list[_Slice], distances: np.ndarray, folder: Path, notes: _SeriesNotes
-) -> tuple[np.ndarray, list[SliceHeader], np.ndarray, int]:
-    """Decode every slice into one array, dropping those that fail; apply the rescale rule.
+    slices: list[_Slice],
+    distances: np.ndarray,
+    series: SeriesFiles,
+    notes: _SeriesNotes,
+    with_pixels: bool,
+) -> tuple[np.ndarray | None, list[SliceHeader], np.ndarray, list[DecodedSlice]]:
+    """Decode every slice (into one array with ``with_pixels``), dropping those that fail;
+    apply the rescale rule.
 
     Where several files share a position, the first that decodes is used and the others are
     dropped as duplicates.
 
     Returns:
-        The HU array, the headers and distances of the slices kept, and how many of them
-        needed the RSNA 12-bit fix.
+        The HU array (None without pixels), and the headers, distances and decode outcomes of
+        the slices kept.
     """
     if not slices:
-        return np.empty((0, 0, 0), np.float32), [], distances, 0
+        empty = np.empty((0, 0, 0), np.float32) if with_pixels else None
+        return empty, [], distances, []
     first = slices[0].header
-    hu = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
+    size = (first.rows, first.columns)
+    hu = np.empty((len(slices), *size), dtype=np.float32) if with_pixels else None
     kept: list[SliceHeader] = []
     kept_distances: list[float] = []
     decoded: list[DecodedSlice] = []
@@ -937,14 +1335,14 @@ def _decode_series(
         candidates = sorted([position.header, *position.copies], key=lambda h: not h.has_intercept)
         for index, header in enumerate(candidates):
             try:
-                result = decode_slice(header.path)
+                result = _decoded(header, series, with_pixels)
             except InputError as error:
                 notes.drop(header, error.reason)
                 continue
-            if result.hu.shape != hu.shape[1:]:
+            if tuple(result.shape) != size:
                 notes.drop(
                     header,
-                    f"decoded pixel array {result.hu.shape} differs from the header's "
+                    f"decoded pixel array {tuple(result.shape)} differs from the header's "
                     f"{header.rows}x{header.columns}",
                 )
                 continue
@@ -952,10 +1350,12 @@ def _decode_series(
                 notes.drop(
                     other,
                     f"duplicate slice position {distance:.2f} mm "
-                    f"(same as {_relative(header.path, folder)})",
+                    f"(same as {_relative(header.path, series.folder)})",
                 )
-            hu[len(kept)] = result.hu
-            result.hu = None  # type: ignore[assignment]  # the copy in ``hu`` is the one kept
+            if hu is not None:
+                hu[len(kept)] = result.hu
+                # The copy in ``hu`` is the one kept; the outcome stays without its pixels.
+                result = replace(result, hu=None)
             kept.append(header)
             kept_distances.append(float(distance))
             decoded.append(result)
@@ -965,15 +1365,15 @@ def _decode_series(
     count = 0
     for index, use in enumerate(keep):
         if use:
-            if index != count:
+            if hu is not None and index != count:
                 hu[count] = hu[index]
             count += 1
     final = [h for h, use in zip(kept, keep, strict=True) if use]
     final_distances = np.array(
         [d for d, use in zip(kept_distances, keep, strict=True) if use], dtype=np.float64
     )
-    fixed = sum(r.fixed_12bit for r, use in zip(decoded, keep, strict=True) if use)
-    return hu[:count], final, final_distances, fixed
+    final_decoded = [r for r, use in zip(decoded, keep, strict=True) if use]
+    return (None if hu is None else hu[:count]), final, final_distances, final_decoded
 
 
 def _rescale_rule(

@@ -1,0 +1,280 @@
+"""The single-pass and parallel DICOM readers give what the two-pass reader gives.
+
+Every file of every corpus input is read both ways (one parse vs a header read and a decode);
+series are assembled from one-parse outcomes, from the compact table, and by the serial reader;
+worker processes are compared with reading in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from corpus import CASES, Case, write_good
+
+from ichseg.errors import InputError
+from ichseg.io import workers as workers_module
+from ichseg.io.dicom import (
+    NotAnImage,
+    SeriesFiles,
+    _pixel_problem,
+    _unusable_reason,
+    decode_slice,
+    discover_series,
+    parse_file,
+    read_header,
+    read_series,
+    series_layout,
+)
+from ichseg.io.dicom_table import DicomTable
+from ichseg.io.loader import index_input
+from ichseg.io.walk import list_compact, list_files
+
+DICOM_CASES = [c for c in CASES if "nifti" not in c.target]
+
+
+def _two_pass(path: Path) -> dict:
+    """What discovery and then ``decode_slice`` make of one file."""
+    try:
+        header = read_header(path)
+    except NotAnImage as other:
+        return {"ignored": other.reason}
+    except InputError as error:
+        return {"skipped": error.reason}
+    reason = _unusable_reason(header)
+    if reason:
+        return {"skipped": reason}
+    out: dict = {"header": header}
+    if _pixel_problem(header) is None:
+        try:
+            out["decoded"] = decode_slice(path)
+        except InputError as error:
+            out["decode_error"] = error.reason
+    return out
+
+
+def _same_volume(a, b) -> None:
+    assert a.series_uid == b.series_uid and a.source == b.source
+    assert np.array_equal(a.hu, b.hu)
+    assert np.array_equal(a.affine, b.affine)
+    assert np.array_equal(a.slice_positions, b.slice_positions)
+    assert a.sop_uids == b.sop_uids and a.instance_numbers == b.instance_numbers
+    assert a.metadata == b.metadata and a.warnings == b.warnings
+    assert a.quality_flags == b.quality_flags and a.dropped == b.dropped
+
+
+def _read(reader, series):
+    try:
+        return reader(series)
+    except InputError as error:
+        return (type(error).__name__, str(error), getattr(error, "dropped", None))
+
+
+@pytest.mark.parametrize("case", DICOM_CASES, ids=[c.name for c in DICOM_CASES])
+def test_one_parse_per_file_matches_the_two_pass_reader(case: Case, tmp_path: Path) -> None:
+    root = tmp_path / "input"
+    root.mkdir()
+    write_good(root)
+    case.build(root)
+    parsed = {}
+    for path in list_files(root).files:
+        one = parse_file(path)
+        two = _two_pass(path)
+        parsed[str(path)] = one
+        if "header" not in two:
+            assert (one.skipped, one.ignored) == (two.get("skipped"), two.get("ignored")), path
+            continue
+        assert one.header == two["header"], path
+        assert one.decode_error == two.get("decode_error"), path
+        if "decoded" in two:
+            a, b = one.decoded, two["decoded"]
+            assert a is not None and np.array_equal(a.hu, b.hu), path
+            assert (a.fixed_12bit, a.slope_assumed, a.intercept_missing, a.signed) == (
+                b.fixed_12bit,
+                b.slope_assumed,
+                b.intercept_missing,
+                b.signed,
+            )
+            assert (a.stored_range, a.has_air, a.shape) == (b.stored_range, b.has_air, b.shape)
+        else:
+            assert one.decoded is None
+
+    # Series assembled from the one-parse outcomes, and from the compact table.
+    table = DicomTable()
+    for one in parsed.values():
+        table.append(one)
+    from_table = dict(table.series_rows())
+    for series in discover_series(root, workers=1).series:
+        reference = _read(read_series, series)
+        decoded = {}
+        for header in series.headers:
+            one = parsed[str(header.path)]
+            if one.decoded is not None:
+                decoded[str(header.path)] = one.decoded
+            elif one.decode_error is not None:
+                decoded[str(header.path)] = one.decode_error
+        single = _read(read_series, SeriesFiles(series.series_uid, series.headers, decoded))
+        compact = table.series(series.series_uid, from_table[series.series_uid])
+        assert compact.headers == series.headers
+        layout = _read(series_layout, compact)
+        if isinstance(reference, tuple):
+            assert single == reference and layout == reference
+            continue
+        _same_volume(single, reference)
+        assert [h.sop_uid for h in layout.headers] == reference.sop_uids
+        assert layout.source == reference.source and layout.dropped == reference.dropped
+        assert layout.warnings == reference.warnings
+        assert layout.quality_flags == reference.quality_flags
+        assert np.array_equal(layout.affine, reference.affine)
+        assert np.array_equal(layout.slice_positions, reference.slice_positions)
+        assert layout.metadata == reference.metadata
+
+
+def test_table_survives_saving_and_joining(tmp_path: Path) -> None:
+    write_good(tmp_path / "in")
+    files = list_files(tmp_path / "in").files
+    halves = [DicomTable(), DicomTable()]
+    for i, path in enumerate(files):
+        halves[i % 2].append(parse_file(path), image_row=i, keep=bool(i % 3))
+    for i, half in enumerate(halves):
+        half.save(tmp_path / f"{i}.npz")
+    joined = DicomTable.concatenate([DicomTable.load(tmp_path / f"{i}.npz") for i in range(2)])
+    assert len(joined) == len(files)
+    order = [i for h in range(2) for i in range(len(files)) if i % 2 == h]
+    assert [str(joined.path(r)) for r in range(len(files))] == [str(files[i]) for i in order]
+    assert list(joined.columns["image_row"]) == order
+    assert list(joined.columns["keep"]) == [bool(i % 3) for i in order]
+    ((uid, rows),) = joined.series_rows()
+    assert joined.series(uid, rows).headers == sorted(
+        discover_series(tmp_path / "in", workers=1).series[0].headers,
+        key=lambda h: order.index(files.index(h.path)),
+    )
+
+
+def test_compact_listing_equals_the_path_listing(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "x.dcm").write_bytes(b"x")
+    (tmp_path / "a" / "y.dcm").write_bytes(b"yy")
+    os.link(tmp_path / "a" / "y.dcm", tmp_path / "z_hardlink.dcm")  # the same file twice
+    os.symlink(tmp_path / "a", tmp_path / "a" / "b" / "loop")  # a folder loop
+    os.symlink(tmp_path / "missing", tmp_path / "broken.dcm")
+    (tmp_path / ".hidden").write_bytes(b"h")
+    paths = list_files(tmp_path)
+    compact = list_compact(tmp_path, chunk=2)
+    assert [compact.path(i) for i in range(len(compact))] == paths.files
+    assert compact.skipped == paths.skipped
+    assert list(compact.sizes) == [p.stat().st_size for p in paths.files]
+    before = compact.digest()
+    (tmp_path / "a" / "y.dcm").write_bytes(b"changed")
+    assert list_compact(tmp_path).digest() != before
+
+
+@pytest.fixture
+def many_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Three series (one with an undecodable slice) read with workers from the first file."""
+    from ichseg.phantom import PhantomConfig, write_dataset
+
+    monkeypatch.setattr(workers_module, "MIN_PARALLEL_FILES", 1)
+    write_dataset(tmp_path / "data", studies=3, seed=4, config=PhantomConfig(size=48, num_slices=6))
+    root = tmp_path / "data" / "dicom"
+    victim = sorted(root.glob("*/*.dcm"))[2]
+    victim.write_bytes(victim.read_bytes()[:-200])  # truncated pixel data: dropped
+    return root
+
+
+def _shared_memory_names() -> set[str]:
+    try:
+        return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+    except OSError:
+        return set()
+
+
+def test_worker_processes_read_exactly_what_this_process_reads(many_files: Path) -> None:
+    before = _shared_memory_names()
+    serial = index_input(many_files, workers=1)
+    parallel = index_input(many_files, workers=2)
+    assert [s.headers for s in parallel.dicom_series] == [s.headers for s in serial.dicom_series]
+    assert parallel.skipped == serial.skipped
+    one = list(serial.iter_volumes(workers=1))
+    two = list(parallel.iter_volumes(workers=2))
+    assert len(one) == len(two) == 3
+    assert any(v.dropped for v in one)
+    for a, b in zip(one, two, strict=True):
+        _same_volume(a, b)
+    assert all(s.decoded is None for s in parallel.dicom_series)
+    assert _shared_memory_names() <= before
+
+
+def test_stopping_early_frees_what_was_decoded_ahead(many_files: Path) -> None:
+    before = _shared_memory_names()
+    volumes = index_input(many_files, workers=2).iter_volumes(workers=2)
+    first = next(volumes)
+    volumes.close()  # the caller stops after one series
+    assert first.num_slices > 0
+    assert _shared_memory_names() <= before
+
+
+def test_default_workers_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ichseg.runtime import available_cpus
+
+    monkeypatch.delenv("ICHSEG_WORKERS", raising=False)
+    assert workers_module.resolve_workers(None) == available_cpus()
+    monkeypatch.setenv("ICHSEG_WORKERS", "1")
+    assert workers_module.resolve_workers(None) == 1
+    assert workers_module.resolve_workers(3) == 3
+    monkeypatch.setenv("ICHSEG_WORKERS", "many")
+    assert workers_module.resolve_workers(None) == available_cpus()
+
+
+def test_a_broken_pool_finishes_in_this_process(tmp_path: Path, caplog) -> None:
+    items = list(range(6))
+    results = list(workers_module.ordered_map(_die_on_three, items, 2))
+    assert results == [i * i for i in items]
+    assert "continuing in this process" in caplog.text
+
+
+def _die_on_three(value: int) -> int:
+    if value == 3 and os.environ.get("ICHSEG_TEST_PARENT") != str(os.getpid()):
+        os._exit(1)  # a worker killed mid-task
+    return value * value
+
+
+@pytest.fixture(autouse=True)
+def _parent_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ICHSEG_TEST_PARENT", str(os.getpid()))
+
+
+def test_flat_folder_copies_are_found_as_series(tmp_path: Path) -> None:
+    """Slices of several series mixed in one folder (the RSNA layout) are grouped back."""
+    write_good(tmp_path / "tree")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted((tmp_path / "tree").rglob("*.dcm")):
+        shutil.copyfile(path, flat / f"{path.parent.name}_{path.name}")
+    (volume,) = [v for v in index_input(flat, workers=1).iter_volumes(workers=1)]
+    (reference,) = list(index_input(tmp_path / "tree", workers=1).iter_volumes(workers=1))
+    assert np.array_equal(volume.hu, reference.hu) and volume.sop_uids == reference.sop_uids
+
+
+def test_the_workers_option_applies_to_one_command(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from ichseg.cli import app
+
+    monkeypatch.delenv("ICHSEG_WORKERS", raising=False)
+    seen: list[int] = []
+    real = workers_module.resolve_workers
+
+    def recording(workers):
+        seen.append(real(workers))
+        return seen[-1]
+
+    monkeypatch.setattr(workers_module, "resolve_workers", recording)
+    write_good(tmp_path)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path), "--workers", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {3}
+    assert "ICHSEG_WORKERS" not in os.environ

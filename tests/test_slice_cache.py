@@ -1,0 +1,214 @@
+"""The slice cache built file by file (the RSNA layout) and its resumability."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ichseg.config import load_config
+from ichseg.engine import cache as cache_module
+from ichseg.engine.cache import build_slices, cached_skips
+from ichseg.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def flat_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Three phantom studies' slices in one folder under unique names, with RSNA labels, a
+    file that is not DICOM, a slice with truncated pixels and a duplicate of another slice."""
+    from ichseg.phantom import PhantomConfig, write_dataset
+
+    base = tmp_path_factory.mktemp("flat")
+    write_dataset(base / "data", studies=3, seed=9, config=PhantomConfig(size=48, num_slices=8))
+    flat = base / "flat"
+    flat.mkdir()
+    files = sorted((base / "data" / "dicom").glob("*/*.dcm"))
+    for path in files:
+        shutil.copyfile(path, flat / f"{path.parent.name}_{path.name}")
+    (flat / "readme.txt").write_text("not an image")
+    victim = flat / f"{files[3].parent.name}_{files[3].name}"
+    victim.write_bytes(victim.read_bytes()[:-300])
+    shutil.copyfile(files[10], flat / "zz_copy.dcm")
+    return flat, base / "data" / "labels_rsna.csv"
+
+
+def _config(flat: Path, labels: Path, cache: Path, context: int = 1, **data):
+    return load_config(
+        extra={
+            "name": "flat",
+            "data": {
+                "source": "dicom",
+                "root": str(flat),
+                "labels": str(labels),
+                "image_size": 32,
+                "context": context,
+                "cache_dir": str(cache),
+                **data,
+            },
+        }
+    )
+
+
+def _by_slice(slices) -> dict[tuple[str, int], int]:
+    return {
+        (str(slices.series[r]), int(slices.slice_index[r])): r
+        for r in range(len(slices))
+        if slices.slice_index[r] >= 0
+    }
+
+
+@pytest.mark.parametrize("context", [0, 1])
+def test_file_by_file_cache_equals_the_series_cache(flat_data, tmp_path: Path, context: int):
+    flat, labels = flat_data
+    config = _config(flat, labels, tmp_path, context)
+    one = build_slices(config, progress=False, per_slice=True, shard_slices=7, workers=1)
+    two = build_slices(config, progress=False, per_slice=False, workers=1)
+    assert one.folder != two.folder
+    assert json.loads((one.folder / "done.json").read_text())["layout"] == "per-slice"
+    rows_one, rows_two = _by_slice(one), _by_slice(two)
+    assert set(rows_one) == set(rows_two) and len(rows_two) == 24 - 1  # the truncated slice
+    for key, b in rows_two.items():
+        a = rows_one[key]
+        assert np.array_equal(one.images[a], two.images[b])
+        assert np.array_equal(one.labels[a], two.labels[b], equal_nan=True)
+        assert (one.groups[a], one.sop_uids[a]) == (two.groups[b], two.sop_uids[b])
+        assert one.trainable[a] == two.trainable[b]
+        assert np.array_equal(one.stack(a), two.stack(b))
+    # Scan attributes reach the per-slice layout too (header fields; air needs the pixels).
+    for name in ("manufacturer", "kvp", "slice_thickness", "pixel_spacing", "rows"):
+        a_values, b_values = one.attribute(name), two.attribute(name)
+        for key, b in rows_two.items():
+            assert a_values[rows_one[key]] == b_values[b], name
+    assert one.attribute("rows")[one.usable()][0] is not None
+    assert sorted(one.sop_uids[one.usable()]) == sorted(two.sop_uids[two.usable()])
+    skipped = {entry["unit"]: entry["reason"] for entry in cached_skips(one.folder)}
+    assert skipped == {f"file:{flat / 'readme.txt'}": "not a DICOM file (no DICM preamble)"}
+
+
+def test_workers_hold_a_bounded_number_of_slices(flat_data, tmp_path: Path, monkeypatch):
+    flat, labels = flat_data
+    seen: list[int] = []
+    real = cache_module._window_batch
+
+    def counting(pending, *args):
+        seen.append(sum(hu is not None for _, hu in pending))
+        return real(pending, *args)
+
+    monkeypatch.setattr(cache_module, "PER_SLICE_BATCH", 5)
+    monkeypatch.setattr(cache_module, "_window_batch", counting)
+    config = _config(flat, labels, tmp_path)
+    build_slices(config, progress=False, per_slice=True, shard_slices=100, workers=1)
+    assert max(seen) == 5 and sum(seen) == 24 and len(seen) >= 24 // 5
+
+
+def test_masked_runs_need_whole_series(flat_data, tmp_path: Path):
+    flat, labels = flat_data
+    config = _config(flat, labels, tmp_path)
+    config = config.model_copy(
+        update={"masking": config.masking.model_copy(update={"enabled": True})}
+    )
+    config.masking.method = "classical"
+    with pytest.raises(ConfigError, match="whole series"):
+        build_slices(config, progress=False, per_slice=True, workers=1)
+    slices = build_slices(config, progress=False, workers=1)  # automatic: series by series
+    assert json.loads((slices.folder / "done.json").read_text()).get("layout") is None
+
+
+_CHILD = """
+import sys, time
+from ichseg.config import load_config
+from ichseg.engine import cache
+
+real = cache.{function}
+
+def slow(*args, **kwargs):
+    out = real(*args, **kwargs)
+    time.sleep(0.3)  # time for the test to kill the build between two shards
+    return out
+
+cache.{function} = slow
+config = load_config(extra={config!r})
+cache.build_slices(config, progress=False, workers=1, shard_slices=4, per_slice={per_slice})
+"""
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "per_slice", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["files", "series"]
+)
+def test_a_killed_build_resumes_with_its_finished_shards(flat_data, tmp_path: Path, per_slice):
+    flat, labels = flat_data
+    config = _config(flat, labels, tmp_path / "cache")
+    function = "_build_file_shard" if per_slice else "_build_shard"
+    script = tmp_path / "child.py"
+    script.write_text(
+        textwrap.dedent(
+            _CHILD.format(
+                function=function,
+                config=config.model_dump(mode="json"),
+                per_slice=per_slice,
+            )
+        )
+    )
+    child = subprocess.Popen([sys.executable, str(script)], env=os.environ.copy())
+    deadline = time.monotonic() + 300
+    finished: list[Path] = []
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            finished = sorted((tmp_path / "cache").glob("slices-*/shard-*"))
+            if len(finished) >= 2:
+                break
+            time.sleep(0.05)
+        assert child.poll() is None, "the build ended before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    folder = finished[0].parent
+    assert not (folder / "done.json").exists()
+    shards = {p.name for p in folder.glob("shard-*")}
+    plan = json.loads((folder / "plan.json").read_text())
+    assert 2 <= len(shards) < len(plan["shards"])
+    before = {name: _files(folder / name) for name in shards}
+
+    resumed = build_slices(config, progress=False, workers=1, shard_slices=4, per_slice=per_slice)
+    assert resumed.folder == folder
+    assert {name: _files(folder / name) for name in shards} == before  # not rewritten
+
+    fresh = build_slices(
+        _config(flat, labels, tmp_path / "fresh"),
+        progress=False,
+        workers=1,
+        shard_slices=4,
+        per_slice=per_slice,
+    )
+    assert np.array_equal(
+        resumed.images[np.arange(len(resumed))], fresh.images[np.arange(len(fresh))]
+    )
+    for name in (
+        "labels",
+        "neighbours",
+        "groups",
+        "series",
+        "sop_uids",
+        "slice_index",
+        "trainable",
+    ):
+        assert np.array_equal(
+            getattr(resumed, name), getattr(fresh, name), equal_nan=name == "labels"
+        )
