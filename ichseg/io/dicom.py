@@ -689,6 +689,7 @@ def read_series(series: SeriesFiles) -> CTVolume:
         warnings=notes.warnings,
         quality_flags=notes.flags,
         dropped=notes.dropped,
+        slice_paths=[str(h.path) for h in headers],
     )
 
 
