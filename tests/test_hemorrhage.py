@@ -391,6 +391,7 @@ def test_train_segmenter_target_hemorrhage_uses_the_packaged_recipe(tmp_path):
         "data.phantom.size=48",
         "data.phantom.slices=3",
         "model.image_size=32",
+        "model.patch_size=16",
         "model.channels=[8,16]",
         "model.strides=[2]",
         "model.epochs=1",
