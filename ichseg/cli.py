@@ -383,6 +383,22 @@ def predict(
     gradcam_slices: Annotated[int, typer.Option(min=1, help="Slices per positive series.")] = 3,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     segmenter: Annotated[Path | None, typer.Option(help="Override the U-Net checkpoint.")] = None,
+    hemorrhage_segmenter: Annotated[
+        Path | None,
+        typer.Option(
+            help="Hemorrhage U-Net: label maps and volumes in ml per subtype "
+            "(default: the run's or bundle's hemorrhage_segmenter.pt, if any)."
+        ),
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option(help="Masks as nifti | dicom-seg | both (DICOM inputs for SEG).")
+    ] = "nifti",
+    sr: Annotated[
+        bool, typer.Option("--sr", help="A DICOM Structured Report per series (DICOM inputs).")
+    ] = False,
+    gradcam_format: Annotated[
+        str, typer.Option(help="Grad-CAM as png | dicom (Secondary Capture) | both.")
+    ] = "png",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     workers: WorkersOpt = None,
     compile: Annotated[
@@ -406,6 +422,10 @@ def predict(
             batch_size=batch_size,
             segmenter=segmenter,
             progress=not quiet,
+            hemorrhage_segmenter=hemorrhage_segmenter,
+            output_format=output_format,
+            sr=sr,
+            gradcam_format=gradcam_format,
         )
     positive = sum(1 for r in result.series_rows if r.get("label_any", 0))
     typer.echo(
@@ -432,6 +452,13 @@ def segment(
     reference: Annotated[
         Path | None, typer.Option(help="Folder of reference masks: adds Dice and HD95.")
     ] = None,
+    hemorrhage_model: Annotated[
+        Path | None,
+        typer.Option(help="Hemorrhage U-Net: label map NIfTI and volumes in ml per subtype."),
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option(help="nifti | dicom-seg | both (DICOM SEG for DICOM inputs).")
+    ] = "nifti",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     workers: WorkersOpt = None,
 ) -> None:
@@ -443,7 +470,14 @@ def segment(
         _fail("--method unet needs --model CHECKPOINT")
     with _settings(workers=workers):
         result = segment_folder(
-            input, out, method=chosen, checkpoint=model, reference_dir=reference, progress=not quiet
+            input,
+            out,
+            method=chosen,
+            checkpoint=model,
+            reference_dir=reference,
+            progress=not quiet,
+            hemorrhage_checkpoint=hemorrhage_model,
+            output_format=output_format,
         )
     typer.echo(
         f"{result.num_ok} volume(s) segmented, {result.num_error} failed, "
@@ -455,6 +489,9 @@ def segment(
                 row["error"] if row["input"] in row["error"] else f"{row['input']}: {row['error']}"
             )
             typer.echo(f"failed {message}", err=True)
+    for row in result.rows:
+        if row["status"] == "ok" and row["warnings"]:
+            typer.echo(f"warning {row['input']}: {row['warnings']}", err=True)
     for path, reason in result.skipped[:_SKIPPED_SHOWN]:
         typer.echo(f"skipped {path}: {reason}", err=True)
     if len(result.skipped) > _SKIPPED_SHOWN:
@@ -482,6 +519,11 @@ def train_segmenter_command(
 
     check_output_folder(out)
     extra = [f"model.target={target}"] if target else []
+    if config is None and target == "hemorrhage":
+        from ichseg.segmentation.recipes import HEMORRHAGE_RECIPE
+
+        config = HEMORRHAGE_RECIPE
+        typer.echo(f"recipe: {config}")
     run = load_segmenter_run(config, [*(overrides or []), *extra])
     model = run.segmenter_config()
     checkpoint = train_segmenter(
@@ -532,6 +574,84 @@ def serve(
             err=True,
         )
     run_app(web_app, listener, log_level="debug" if _state["verbose"] else "info")
+
+
+@app.command("evaluate-segmenter")
+@user_errors
+def evaluate_segmenter_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Hemorrhage U-Net checkpoint (best.pt).")],
+    out: Annotated[Path, typer.Argument(help="Output folder (metrics, report, plot).")],
+    phantom_studies: Annotated[
+        int, typer.Option(min=1, help="Phantom studies to evaluate on (without --images).")
+    ] = 40,
+    seed: Annotated[
+        int, typer.Option(help="First phantom seed: keep it away from the training seeds.")
+    ] = 50000,
+    size: Annotated[int, typer.Option(min=32, help="Phantom in-plane pixels.")] = 256,
+    slices: Annotated[int, typer.Option(min=1, help="Phantom slices per study.")] = 32,
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of NIfTI CTs instead of phantom studies.")
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="Reference label maps for --images (<stem>_hemorrhage.nii.gz)."),
+    ] = None,
+    min_component_ml: Annotated[
+        float | None, typer.Option(min=0.0, help="Override the smallest bleed kept (ml).")
+    ] = None,
+    restrict: Annotated[
+        bool | None,
+        typer.Option(
+            "--restrict/--no-restrict", help="Override keeping blood inside the intracranial mask."
+        ),
+    ] = None,
+    vote: Annotated[
+        bool | None,
+        typer.Option("--vote/--no-vote", help="Override giving each bleed one subtype."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Dice and volume error per subtype, ABC/2 and Bland-Altman of a hemorrhage segmenter."""
+    from ichseg.fileio import check_output_folder
+    from ichseg.segmentation.evaluation import (
+        evaluate_hemorrhage_segmenter,
+        nifti_cases,
+        phantom_cases,
+    )
+
+    check_output_folder(out, [p for p in (images, labels) if p is not None])
+    if images is not None:
+        if labels is None:
+            _fail("--images needs --labels (a folder of reference label maps)")
+        cases = nifti_cases(images, labels)
+        described = f"NIfTI CTs in {images}, reference label maps in {labels}"
+    else:
+        from ichseg.phantom import PhantomConfig
+
+        cases = phantom_cases(phantom_studies, seed, PhantomConfig(size=size, num_slices=slices))
+        described = f"phantom seeds {seed}..{seed + phantom_studies - 1}, {size}x{size}x{slices}"
+    result = evaluate_hemorrhage_segmenter(
+        checkpoint,
+        cases,
+        out,
+        restrict_to_intracranial=restrict,
+        min_component_ml=min_component_ml,
+        component_vote=vote,
+        cases_description=described,
+        progress=not quiet,
+    )
+    summary = result["summary"]
+    for name, figures in summary.items():
+        if name == "abc2_intraparenchymal":
+            continue
+        dice = figures["dice_mean"]
+        error = figures["abs_error_ml_median"]
+        typer.echo(
+            f"{name:17s} n={figures['n_reference']:3d}  "
+            f"dice {'n/a' if dice is None else f'{dice:.3f}'}  "
+            f"median |error| {'n/a' if error is None else f'{error:.2f}'} ml"
+        )
+    typer.echo(f"report: {out / 'report.md'}")
 
 
 bundle_app = typer.Typer(help="MONAI bundle export.", no_args_is_help=True)

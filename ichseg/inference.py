@@ -8,6 +8,20 @@ reason and the others go on), and writes ``predictions.csv`` (one row per slice)
 NIfTI and Grad-CAM PNGs for the most positive slices of positive series. Models trained on
 windowed PNG/JPG pictures take pictures instead and write ``predictions.csv`` per image.
 
+With a hemorrhage segmenter (given, or carried as ``hemorrhage_segmenter.pt``) each series also
+gets its label map (``masks/<name>_hemorrhage.nii.gz``) and its volumes in ml on the true voxel
+geometry: ``volume_ml_<subtype>``, ``volume_ml_total`` and ``abc2_ml_intraparenchymal`` (ABC/2
+of the largest intraparenchymal bleed). The segmenter runs after the classifier and never
+changes its input or its probabilities.
+
+DICOM outputs, for series read from DICOM (NIfTI inputs keep NIfTI masks, and ``skipped.csv``
+says why they got no DICOM object): ``output_format="dicom-seg"`` or ``"both"`` writes
+``seg/<name>_seg.dcm``, a DICOM Segmentation of the intracranial mask and the hemorrhage
+subtypes referencing the source instances; ``sr=True`` writes ``sr/<name>_sr.dcm``, a TID 1500
+Measurement Report with the series probabilities, thresholds, findings, volumes and the
+model's name and version; ``gradcam_format="dicom"`` or ``"both"`` writes each Grad-CAM overlay
+as a Secondary Capture in the source study.
+
 The classifier input comes from the run's own :class:`~ichseg.preprocess.pipeline.Preprocessor`
 (same windows, mask policy and segmenter as in training); the series probability is aggregated
 by the run's rule and compared with series thresholds chosen on validation series.
@@ -35,9 +49,16 @@ from ichseg.engine.checkpoint import (
 )
 from ichseg.errors import InputError
 from ichseg.fileio import check_output_folder, new_figure, save_figure, write_csv, write_json
-from ichseg.volume import CTVolume
+from ichseg.volume import HEMORRHAGE_CODES, SUBTYPES, CTVolume
 
 log = logging.getLogger(__name__)
+
+HEMORRHAGE_SEGMENTER_FILE = "hemorrhage_segmenter.pt"
+"""A hemorrhage U-Net carried in a run folder (or a bundle's ``models/``) for volumes."""
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+GRADCAM_FORMATS = ("png", "dicom", "both")
+GRADCAM_ALPHA = 0.35
+NEEDS_DICOM = "{what} not written: DICOM outputs need DICOM sources (masks are in NIfTI)"
 
 
 @dataclass
@@ -47,6 +68,8 @@ class ModelFiles:
     classifier: Path
     thresholds: Path
     segmenter: Path | None
+    hemorrhage: Path | None = None
+    bundle_root: Path | None = None
 
 
 def resolve_model_files(model_path: Path) -> ModelFiles:
@@ -65,8 +88,13 @@ def resolve_model_files(model_path: Path) -> ModelFiles:
             f"not a training run ({BEST}) or an ichseg bundle (models/{CLASSIFIER_FILE})",
         )
     segmenter = base / SEGMENTER_FILE
+    hemorrhage = base / HEMORRHAGE_SEGMENTER_FILE
     return ModelFiles(
-        classifier, base / THRESHOLDS_FILE, segmenter if segmenter.is_file() else None
+        classifier,
+        base / THRESHOLDS_FILE,
+        segmenter if segmenter.is_file() else None,
+        hemorrhage if hemorrhage.is_file() else None,
+        model_path if base != model_path else None,
     )
 
 
@@ -83,6 +111,9 @@ class Predictor:
             preprocessor's own when the model is masked, else a U-Net given or carried, else
             the classical method (it never changes the probabilities of an unmasked model).
         device: torch device.
+        hemorrhage: a hemorrhage U-Net (:class:`~ichseg.segmentation.unet.Segmenter`) for
+            label maps and volumes, or None.
+        files: the files the model was loaded from.
     """
 
     config: RunConfig
@@ -91,6 +122,8 @@ class Predictor:
     preprocessor: Any
     output_masker: Any
     device: Any
+    hemorrhage: Any = None
+    files: ModelFiles | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -112,7 +145,10 @@ class Predictor:
 
 
 def load_predictor(
-    model_path: str | Path, segmenter: str | Path | None = None, device: str | None = None
+    model_path: str | Path,
+    segmenter: str | Path | None = None,
+    device: str | None = None,
+    hemorrhage_segmenter: str | Path | None = None,
 ) -> Predictor:
     """Load a run folder or exported bundle for inference.
 
@@ -121,6 +157,8 @@ def load_predictor(
         segmenter: a U-Net checkpoint to use instead of the one the model carries (for a
             U-Net-masked model this changes its input: use it knowingly).
         device: "cpu" or "cuda" (default: cuda when available).
+        hemorrhage_segmenter: a hemorrhage U-Net for label maps and volumes; default the one
+            the run or bundle carries as ``hemorrhage_segmenter.pt``, if any.
 
     Raises:
         InputError: a missing or damaged model, thresholds or segmenter; one line each.
@@ -152,9 +190,41 @@ def load_predictor(
 
         output_masker = make_masker(config.masking.model_copy(update={"method": "classical"}))
     from ichseg.engine.predict import prepare_for_inference
+    from ichseg.segmentation.hemorrhage import load_hemorrhage_segmenter
 
     prepare_for_inference(model, dev)
-    return Predictor(config, model, thresholds, preprocessor, output_masker, dev)
+    hemorrhage = load_hemorrhage_segmenter(hemorrhage_segmenter or files.hemorrhage, str(dev))
+    return Predictor(config, model, thresholds, preprocessor, output_masker, dev, hemorrhage, files)
+
+
+def model_identity(predictor: Predictor) -> tuple[str, str]:
+    """(name, version) of the classifier, as DICOM reports name the algorithm.
+
+    The name is ``ichseg <architecture> (<run name>)``; the version is the bundle's version
+    for a bundle, else ichseg's version with the first 12 hex digits of the SHA-1 of the
+    weights file, so two reports of the same version come from the same weights.
+    """
+    import hashlib
+    import json
+
+    from ichseg import __version__
+
+    config = predictor.config
+    name = f"ichseg {config.model.name} ({config.name})"[:64]
+    files = predictor.files
+    if files is None:
+        return name, __version__
+    if files.bundle_root is not None:
+        metadata = files.bundle_root / "configs" / "metadata.json"
+        try:
+            return name, str(json.loads(metadata.read_text())["version"])
+        except (OSError, ValueError, KeyError):
+            pass
+    digest = hashlib.sha1()
+    with open(files.classifier, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return name, f"{__version__}+{digest.hexdigest()[:12]}"
 
 
 @dataclass
@@ -212,6 +282,55 @@ def _is_positive(predictor: Predictor, labels: dict[str, int]) -> bool:
     return any(v for k, v in labels.items() if k != f"label_{predictor.class_names[0]}")
 
 
+@dataclass
+class OutputOptions:
+    """What ``predict`` writes for each series beside the tables.
+
+    Attributes:
+        gradcam: Grad-CAM overlays for positive series.
+        gradcam_slices: overlays per positive series.
+        gradcam_format: ``"png"``, ``"dicom"`` (Secondary Capture) or ``"both"``.
+        output_format: masks as ``"nifti"``, ``"dicom-seg"`` or ``"both"``.
+        sr: a DICOM Structured Report per series.
+    """
+
+    gradcam: bool = True
+    gradcam_slices: int = 3
+    gradcam_format: str = "png"
+    output_format: str = "nifti"
+    sr: bool = False
+
+    def __post_init__(self) -> None:
+        from ichseg.errors import ConfigError
+
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ConfigError(
+                f"output format must be one of {', '.join(OUTPUT_FORMATS)}, "
+                f"got {self.output_format!r}"
+            )
+        if self.gradcam_format not in GRADCAM_FORMATS:
+            raise ConfigError(
+                f"Grad-CAM format must be one of {', '.join(GRADCAM_FORMATS)}, "
+                f"got {self.gradcam_format!r}"
+            )
+
+    @property
+    def nifti(self) -> bool:
+        return self.output_format in ("nifti", "both")
+
+    @property
+    def seg(self) -> bool:
+        return self.output_format in ("dicom-seg", "both")
+
+    def dicom_outputs(self, gradcam_written: bool) -> list[str]:
+        """Names of the DICOM objects asked for (Grad-CAM only when overlays are written)."""
+        wanted = ["SEG"] if self.seg else []
+        wanted += ["SR"] if self.sr else []
+        if gradcam_written and self.gradcam_format in ("dicom", "both"):
+            wanted.append("Secondary Capture")
+        return wanted
+
+
 def predict(
     model_path: str | Path,
     input_path: str | Path,
@@ -223,41 +342,137 @@ def predict(
     segmenter: str | Path | None = None,
     progress: bool = True,
     predictor: Predictor | None = None,
+    hemorrhage_segmenter: str | Path | None = None,
+    output_format: str = "nifti",
+    sr: bool = False,
+    gradcam_format: str = "png",
 ) -> PredictResult:
     """Run the model on every series/volume (or picture) under ``input_path``.
 
+    Args:
+        model_path: a training run folder or a bundle root.
+        input_path: DICOM folder tree and/or NIfTI files (or pictures for picture models).
+        out_dir: output folder; must not be inside the input.
+        gradcam: Grad-CAM overlays for positive series.
+        gradcam_slices: overlays per positive series.
+        batch_size: slices per forward pass.
+        segmenter: intracranial U-Net to use instead of the one the model carries.
+        progress: progress bar.
+        predictor: an already loaded predictor (then the model arguments are not read).
+        hemorrhage_segmenter: hemorrhage U-Net for label maps and volumes (default: the one
+            the run or bundle carries, if any).
+        output_format: masks as ``"nifti"``, ``"dicom-seg"`` or ``"both"``.
+        sr: write a DICOM Structured Report per series (models of the six RSNA labels).
+        gradcam_format: overlays as ``"png"``, ``"dicom"`` (Secondary Capture) or ``"both"``.
+
     Raises:
         InputError: no model, no usable input at all, or the output inside the input.
+        ConfigError: an unknown output format, or ``sr`` with a model of other labels.
     """
+    from ichseg.errors import ConfigError
+
+    options = OutputOptions(gradcam, gradcam_slices, gradcam_format, output_format, sr)
     input_path, out_dir = Path(input_path), Path(out_dir)
     check_output_folder(out_dir, [input_path])
     if not input_path.exists():
         raise InputError(input_path, "no such file or folder")
-    predictor = predictor or load_predictor(model_path, segmenter)
+    predictor = predictor or load_predictor(
+        model_path, segmenter, hemorrhage_segmenter=hemorrhage_segmenter
+    )
+    if sr and list(predictor.class_names) != list(SUBTYPES):
+        raise ConfigError(
+            f"--sr reports the six labels {', '.join(SUBTYPES)}; this model predicts "
+            f"{', '.join(predictor.class_names)}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     if predictor.preprocessor.source_kind == "images":
         result = _predict_pictures(predictor, input_path, out_dir, batch_size, progress)
     else:
-        result = _predict_volumes(
-            predictor, input_path, out_dir, gradcam, gradcam_slices, batch_size, progress
-        )
+        result = _predict_volumes(predictor, input_path, out_dir, options, batch_size, progress)
     _write_outputs(result, predictor.class_names)
     return result
+
+
+def _write_masks(
+    volume: CTVolume,
+    mask: np.ndarray,
+    labels: np.ndarray | None,
+    out_dir: Path,
+    name: str,
+    options: OutputOptions,
+) -> dict[str, str]:
+    """NIfTI masks and/or the DICOM SEG of one series; relative paths by column."""
+    from ichseg.io.nifti import write_nifti_atomic
+
+    written = {"mask": ""}
+    if labels is not None:
+        written["hemorrhage_mask"] = ""
+    if options.seg:
+        written["seg"] = ""
+    dicom = bool(volume.slice_paths)
+    if options.nifti or not dicom:
+        path = write_nifti_atomic(
+            volume.to_nifti(mask, dtype=np.uint8), out_dir / "masks" / f"{name}_mask.nii.gz"
+        )
+        written["mask"] = str(path.relative_to(out_dir))
+        if labels is not None:
+            path = write_nifti_atomic(
+                volume.to_nifti(labels, dtype=np.uint8),
+                out_dir / "masks" / f"{name}_hemorrhage.nii.gz",
+            )
+            written["hemorrhage_mask"] = str(path.relative_to(out_dir))
+    if options.seg and dicom:
+        from ichseg.segmentation.hemorrhage import write_series_seg
+
+        path = write_series_seg(volume, mask, labels, out_dir / "seg" / f"{name}_seg.dcm")
+        written["seg"] = str(path.relative_to(out_dir))
+    return written
+
+
+def _write_report(
+    predictor: Predictor,
+    volume: CTVolume,
+    probabilities: np.ndarray,
+    volumes: dict[str, float],
+    path: Path,
+) -> Path:
+    """The series' Structured Report: probabilities, series thresholds, volumes, ABC/2."""
+    from ichseg.io.dicom_sr import SeriesFindings, write_structured_report
+
+    names = predictor.class_names
+    volumes_ml = {}
+    if volumes:
+        volumes_ml = {n: volumes[f"volume_ml_{n}"] for n in HEMORRHAGE_CODES.values()}
+        volumes_ml["total"] = volumes["volume_ml_total"]
+    findings = SeriesFindings(
+        probabilities={n: float(p) for n, p in zip(names, probabilities, strict=True)},
+        thresholds={n: float(predictor.thresholds.series[n]) for n in names},
+        volumes_ml=volumes_ml,
+        abc2_ml=volumes.get("abc2_ml_intraparenchymal") if volumes else None,
+    )
+    model_name, model_version = model_identity(predictor)
+    return write_structured_report(
+        volume,
+        volume.slice_paths,
+        findings,
+        path,
+        model_name=model_name,
+        model_version=model_version,
+    )
 
 
 def _predict_volumes(
     predictor: Predictor,
     input_path: Path,
     out_dir: Path,
-    gradcam: bool,
-    gradcam_slices: int,
+    options: OutputOptions,
     batch_size: int,
     progress: bool,
 ) -> PredictResult:
     from ichseg.io.loader import index_input, output_name
-    from ichseg.io.nifti import write_nifti_atomic
     from ichseg.metrics.series import aggregate_probabilities
     from ichseg.progress import progress as progress_bar
+    from ichseg.segmentation.hemorrhage import hemorrhage_volumes
 
     index = index_input(input_path)
     result = PredictResult(out_dir, skipped=list(index.skipped))
@@ -276,6 +491,12 @@ def _predict_volumes(
         result.skipped += list(item.dropped)
         try:
             prediction = predict_volume(predictor, item, batch_size)
+            # After the classifier, from the same mask: its probabilities cannot change.
+            labels = (
+                None
+                if predictor.hemorrhage is None
+                else predictor.hemorrhage.predict_volume(item, intracranial_mask=prediction.mask)
+            )
         except InputError as error:
             result.skipped.append((error.path or item.source, error.reason))
             continue
@@ -284,10 +505,11 @@ def _predict_volumes(
             result.skipped.append((item.source, f"{type(error).__name__}: {error}"))
             continue
         name = output_name(item, used_names)
-        mask_path = write_nifti_atomic(
-            item.to_nifti(prediction.mask, dtype=np.uint8),
-            out_dir / "masks" / f"{name}_mask.nii.gz",
-        )
+        try:
+            written = _write_masks(item, prediction.mask, labels, out_dir, name, options)
+        except InputError as error:  # source files changed since they were read
+            result.skipped.append((error.path or item.source, f"masks: {error.reason}"))
+            written = {}
         flags = ";".join(item.quality_flags)
         slice_labels_of = thresholds.slice
         for z in range(item.num_slices):
@@ -316,7 +538,8 @@ def _predict_volumes(
             result.skipped.append((item.source, "no slice in the model's scope (slice filter)"))
             continue
         series_prob = aggregate_probabilities(scored, thresholds.aggregation)
-        labels = _labels(series_prob, names, thresholds.series)
+        labels_row = _labels(series_prob, names, thresholds.series)
+        volumes = {} if labels is None else hemorrhage_volumes(labels, item)
         row = {
             "source": item.source,
             "series_uid": item.series_uid,
@@ -325,20 +548,40 @@ def _predict_volumes(
             "num_slices": item.num_slices,
             "scored_slices": int(prediction.scored.sum()),
             **{n: round(float(p), 6) for n, p in zip(names, series_prob, strict=True)},
-            **labels,
-            "mask": str(mask_path.relative_to(out_dir)),
+            **labels_row,
+            **volumes,
+            **written,
             "flags": flags,
             "warnings": "; ".join(item.warnings),
         }
-        if gradcam and _is_positive(predictor, labels):
-            row["gradcam"] = ";".join(
-                str(p.relative_to(out_dir))
-                for p in write_gradcam(
-                    predictor, item, prediction, out_dir / "gradcam", name, gradcam_slices
+        if options.sr and item.slice_paths:
+            try:
+                path = _write_report(
+                    predictor, item, series_prob, volumes, out_dir / "sr" / f"{name}_sr.dcm"
                 )
+                row["sr"] = str(path.relative_to(out_dir))
+            except InputError as error:
+                result.skipped.append((error.path or item.source, f"report: {error.reason}"))
+                row["sr"] = ""
+        elif options.sr:
+            row["sr"] = ""
+        overlays: list[Path] = []
+        if options.gradcam and _is_positive(predictor, labels_row):
+            overlays = write_gradcam(
+                predictor,
+                item,
+                prediction,
+                out_dir / "gradcam",
+                name,
+                options.gradcam_slices,
+                formats=options.gradcam_format,
             )
-        else:
-            row["gradcam"] = ""
+        row["gradcam"] = ";".join(str(p.relative_to(out_dir)) for p in overlays)
+        wanted = options.dicom_outputs(bool(overlays))
+        if wanted and not item.slice_paths:
+            note = NEEDS_DICOM.format(what=", ".join(wanted))
+            log.warning("%s: %s", item.source, note)
+            result.skipped.append((item.source, note))
         result.series_rows.append(row)
         durations.append(time.perf_counter() - started)
     bar.close()
@@ -425,6 +668,25 @@ def native_heatmap(
     return out
 
 
+def gradcam_overlay_rgb(hu_slice: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """uint8 ``(rows, columns, 3)``: the slice in the brain window with the heat map blended.
+
+    The same picture as the PNG overlay: the jet colour map at ``GRADCAM_ALPHA`` over grey.
+
+    Args:
+        hu_slice: ``(rows, columns)`` HU.
+        heatmap: ``(rows, columns)`` in [0, 1] on the slice's pixel grid.
+    """
+    from matplotlib import colormaps
+
+    from ichseg.preprocess.windowing import window
+
+    grey = window(np.asarray(hu_slice, dtype=np.float32), 40, 80)[..., None]
+    heat = colormaps["jet"](np.clip(heatmap, 0.0, 1.0))[..., :3]
+    blended = (1.0 - GRADCAM_ALPHA) * grey + GRADCAM_ALPHA * heat
+    return np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
+
+
 def write_gradcam(
     predictor: Predictor,
     volume: CTVolume,
@@ -432,8 +694,14 @@ def write_gradcam(
     folder: Path,
     name: str,
     count: int,
+    formats: str = "png",
 ) -> list[Path]:
-    """Grad-CAM overlays at the slice's full resolution for the ``count`` most positive slices."""
+    """Grad-CAM overlays at the slice's full resolution for the ``count`` most positive slices.
+
+    Args:
+        formats: ``"png"``, ``"dicom"`` (a Secondary Capture per slice, one series per input
+            series, in the source study) or ``"both"``. A volume not read from DICOM gets PNGs.
+    """
     from ichseg.preprocess.windowing import window
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -446,18 +714,42 @@ def write_gradcam(
     maps = gradcam_maps(predictor, prediction.images[picks], 0 if multilabel else None)
     box = _crop_box(predictor, volume, prediction.mask)
     region = (box[1] - box[0], box[3] - box[2]) if box else volume.shape[1:]
+    dicom = formats in ("dicom", "both") and bool(volume.slice_paths)
+    png = formats in ("png", "both") or not dicom
+    series_uid = None
+    if dicom:
+        import highdicom as hd
+
+        series_uid = hd.UID()
     paths = []
-    for z, heatmap in zip(picks, maps, strict=True):
+    for number, (z, heatmap) in enumerate(zip(picks, maps, strict=True), start=1):
         full = native_heatmap(heatmap, region, box, volume.shape[1:])
-        fig = new_figure(figsize=(4, 4))
-        ax = fig.add_subplot()
-        ax.imshow(window(volume.hu[z], 40, 80), cmap="gray")
-        ax.imshow(full, cmap="jet", alpha=0.35, vmin=0.0, vmax=1.0)
-        ax.set_title(f"{name} slice {z}: p={score[z]:.2f}", fontsize=8)
-        ax.axis("off")
-        paths.append(
-            save_figure(fig, folder / f"{name}_z{z:03d}.png", dpi=100, bbox_inches="tight")
-        )
+        if png:
+            fig = new_figure(figsize=(4, 4))
+            ax = fig.add_subplot()
+            ax.imshow(window(volume.hu[z], 40, 80), cmap="gray")
+            ax.imshow(full, cmap="jet", alpha=GRADCAM_ALPHA, vmin=0.0, vmax=1.0)
+            ax.set_title(f"{name} slice {z}: p={score[z]:.2f}", fontsize=8)
+            ax.axis("off")
+            paths.append(
+                save_figure(fig, folder / f"{name}_z{z:03d}.png", dpi=100, bbox_inches="tight")
+            )
+        if dicom:
+            from ichseg.io.dicom_sc import write_secondary_capture
+
+            paths.append(
+                write_secondary_capture(
+                    gradcam_overlay_rgb(volume.hu[z], full),
+                    volume.slice_paths[z],
+                    folder / f"{name}_z{z:03d}.dcm",
+                    series_instance_uid=series_uid,
+                    instance_number=number,
+                    derivation_description=(
+                        f"Grad-CAM of {predictor.class_names[0]} blended over the slice "
+                        f"(brain window); p={score[z]:.2f}"
+                    ),
+                )
+            )
     return paths
 
 

@@ -84,6 +84,8 @@ class CTVolume:
             out (undecodable pixels, inconsistent size/orientation/spacing, duplicate position,
             no usable rescale). The rest of the series is kept; the gap a dropped slice leaves
             is reported like a missing slice.
+        slice_paths: the DICOM file of each slice, in slice order (what DICOM SEG, SR and
+            Secondary Capture outputs reference); empty when not read from DICOM files.
     """
 
     hu: np.ndarray
@@ -97,6 +99,7 @@ class CTVolume:
     warnings: list[str] = field(default_factory=list)
     quality_flags: list[str] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    slice_paths: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3:
@@ -115,6 +118,9 @@ class CTVolume:
             self.instance_numbers = [None] * n
         if len(self.sop_uids) != n or len(self.instance_numbers) != n:
             raise ValueError("sop_uids and instance_numbers need one entry per slice")
+        self.slice_paths = [str(path) for path in self.slice_paths]
+        if self.slice_paths and len(self.slice_paths) != n:
+            raise ValueError("slice_paths needs one entry per slice (or none)")
         unknown = sorted(set(self.quality_flags) - set(QUALITY_FLAGS))
         if unknown:
             raise ValueError(f"unknown quality flag(s) {unknown}; known: {sorted(QUALITY_FLAGS)}")

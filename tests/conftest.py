@@ -57,3 +57,41 @@ def segmenter_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     run_dir = tmp_path_factory.mktemp("segmenter")
     return train_segmenter(studies, config, run_dir, progress=False)
+
+
+HEMORRHAGE_SEED = 35
+"""A phantom study with epidural, intraparenchymal and intraventricular blood on 4 of 8 slices."""
+HEMORRHAGE_STUDY = {"size": 64, "num_slices": 8, "negative_fraction": 0.0}
+
+
+def tiny_hemorrhage_config(**changes):
+    """A small hemorrhage U-Net config that fits one 64x64x8 phantom study in seconds."""
+    from ichseg.segmentation.unet import SegmenterConfig
+
+    settings = dict(
+        target="hemorrhage",
+        image_size=64,
+        channels=(8, 16, 32),
+        strides=(2, 2),
+        epochs=25,
+        batch_size=8,
+        samples_per_epoch=32,
+        foreground_fraction=0.75,
+        batch_dice=True,
+        amp=False,
+        augment=False,
+        val_fraction=0.0,
+        lr=0.01,
+    )
+    return SegmenterConfig(**(settings | changes))
+
+
+@pytest.fixture(scope="session")
+def hemorrhage_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny hemorrhage U-Net fitted to the phantom study ``HEMORRHAGE_SEED`` (non-empty maps)."""
+    from ichseg.phantom import PhantomConfig, generate_study
+    from ichseg.segmentation.training import train_segmenter
+
+    study = generate_study(HEMORRHAGE_SEED, PhantomConfig(**HEMORRHAGE_STUDY))
+    run_dir = tmp_path_factory.mktemp("hemorrhage_unet")
+    return train_segmenter([study], tiny_hemorrhage_config(), run_dir, progress=False)

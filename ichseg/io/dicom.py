@@ -1010,6 +1010,7 @@ def read_series(series: SeriesFiles) -> CTVolume:
         warnings=layout.warnings,
         quality_flags=layout.quality_flags,
         dropped=layout.dropped,
+        slice_paths=[str(h.path) for h in layout.headers],
     )
 
 

@@ -12,7 +12,8 @@ label's name. Each group holds, with finding type Hemorrhage (SCT 50960005) and 
 site as finding site (see ``ichseg.io.dicom_seg``; Cranial Cavity for ``any``):
 
 * Probability (DCM 122157, unit 1) of the label for the series,
-* Threshold Value (DCM 122411, unit 1): the operating threshold,
+* Threshold Value (DCM 122411, unit 1): the operating threshold (left out when none could be
+  chosen on validation data: an infinite threshold, the label is never called present),
 * a qualitative evaluation Hemorrhage = Present (SCT 52101004) or Absent (SCT 272519000):
   probability >= threshold,
 * Volume (SCT 118565006, ml) of the segmented voxels when given (``any``: all subtypes),
@@ -25,6 +26,7 @@ volumes to 0.001 ml, so the report and the tables hold the same numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +63,8 @@ class SeriesFindings:
     Args:
         probabilities: probability per label of ``SUBTYPES`` (all six).
         thresholds: operating threshold per label (all six); a label is present when
-            ``probability >= threshold``.
+            ``probability >= threshold``. ``inf`` means no threshold could be chosen: the
+            label is never present and the report states no threshold for it.
         volumes_ml: segmented volume per subtype and optionally ``"total"`` (as returned by
             ``ichseg.volumetry.volumes_by_label``); labels without a volume are left out.
         abc2_ml: ABC/2 estimate of the largest intraparenchymal bleed, if measured.
@@ -122,13 +125,16 @@ def _group(name: str, findings: SeriesFindings, algorithm: Any):
             name=coded(PROBABILITY),
             value=_rounded(findings.probabilities[name]),
             unit=coded(NO_UNITS),
-        ),
-        hd.sr.Measurement(
-            name=coded(THRESHOLD_VALUE),
-            value=_rounded(findings.thresholds[name]),
-            unit=coded(NO_UNITS),
-        ),
+        )
     ]
+    if math.isfinite(float(findings.thresholds[name])):
+        measurements.append(
+            hd.sr.Measurement(
+                name=coded(THRESHOLD_VALUE),
+                value=_rounded(findings.thresholds[name]),
+                unit=coded(NO_UNITS),
+            )
+        )
     volume_key = TOTAL if name == "any" else name
     if volume_key in findings.volumes_ml:
         measurements.append(
@@ -228,9 +234,10 @@ def read_structured_report(path: str | Path) -> dict[str, Any]:
     """The numbers of a report written by ``write_structured_report``.
 
     Returns:
-        ``model_name``, ``model_version``, ``probabilities``, ``thresholds`` and ``findings``
-        (0/1) per label, ``volumes_ml`` per subtype with ``"total"`` (labels written with a
-        volume), ``abc2_ml`` (or None), ``study_uid`` and ``referenced_sop_uids`` (evidence).
+        ``model_name``, ``model_version``, ``probabilities``, ``thresholds`` (labels that
+        have one) and ``findings`` (0/1) per label, ``volumes_ml`` per subtype with
+        ``"total"`` (labels written with a volume), ``abc2_ml`` (or None), ``study_uid`` and
+        ``referenced_sop_uids`` (evidence).
 
     Raises:
         InputError: not a readable SR, or not a Measurement Report with ichseg's groups.

@@ -13,6 +13,18 @@ assumptions (``ichseg.volume.QUALITY_FLAGS``). ``<name>`` is the NIfTI file
 stem, or ``<PatientID>_<8 hex of sha1(SeriesInstanceUID)>`` for DICOM; a repeated name gets
 ``_2``, ``_3``, ... in input order.
 
+With a hemorrhage U-Net (``hemorrhage_checkpoint``) each volume also gets
+``<name>_hemorrhage.nii.gz`` (the label map, codes of ``ichseg.volume.HEMORRHAGE_CODES``, on the
+same grid) and the summary gains ``hemorrhage`` and the volume columns ``volume_ml_<subtype>``,
+``volume_ml_total`` and ``abc2_ml_intraparenchymal`` (see
+:func:`ichseg.segmentation.hemorrhage.hemorrhage_volumes`). Bleeds are kept inside the
+intracranial mask of the chosen method when the segmenter's config asks for it.
+
+``output_format``: ``"nifti"`` (the files above), ``"dicom-seg"`` (instead of the NIfTI image and
+masks, ``<name>_seg.dcm``: a DICOM Segmentation of the intracranial mask and the hemorrhage
+subtypes that references the source instances; summary column ``seg``) or ``"both"``. A DICOM
+SEG needs DICOM sources: a NIfTI input gets its NIfTI files and a warning saying so.
+
 Reference masks (``reference_dir``) are matched by name: ``<name>_mask.nii.gz`` (or ``.nii``)
 first, which is how this command names its own masks, then, for NIfTI inputs, a file with the
 input's own file name. A reference must have the volume's shape; it is binarised (> 0).
@@ -61,6 +73,22 @@ PREVIEW_COLUMNS = 4
 PREVIEW_HU_RANGE = (0.0, 80.0)
 # Affines that differ by more than this (mm) are reported when comparing with a reference.
 AFFINE_TOLERANCE_MM = 1e-3
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+SEG_NEEDS_DICOM = "DICOM SEG not written: it needs DICOM sources (NIfTI masks written)"
+
+
+def summary_fields(hemorrhage: bool = False, seg: bool = False) -> list[str]:
+    """Summary columns: ``SUMMARY_FIELDS`` plus those of a hemorrhage model and a SEG."""
+    from ichseg.segmentation.hemorrhage import VOLUME_COLUMNS
+
+    fields: list[str] = []
+    for name in SUMMARY_FIELDS:
+        fields.append(name)
+        if name == "preview":
+            fields += (["hemorrhage"] if hemorrhage else []) + (["seg"] if seg else [])
+        if name == "intracranial_ml" and hemorrhage:
+            fields += VOLUME_COLUMNS
+    return fields
 
 
 @dataclass
@@ -160,13 +188,13 @@ def _compare_reference(
     return mask_metrics(mask, ref, volume.spacing)
 
 
-def _write_table(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
+def _write_table(rows: list[dict[str, Any]], out_dir: Path, fields: list[str]) -> tuple[Path, Path]:
     def write_csv(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(SUMMARY_FIELDS))
+            writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             for row in rows:
-                writer.writerow({k: "" if row.get(k) is None else row[k] for k in SUMMARY_FIELDS})
+                writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
 
     def write_json(tmp: Path) -> None:
         tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
@@ -184,6 +212,9 @@ def segment_folder(
     checkpoint: str | Path | None = None,
     reference_dir: str | Path | None = None,
     progress: bool = True,
+    *,
+    hemorrhage_checkpoint: str | Path | None = None,
+    output_format: str = "nifti",
 ) -> SegmentResult:
     """Segment the intracranial space of every volume under ``input_path`` into ``out_dir``.
 
@@ -194,6 +225,8 @@ def segment_folder(
         checkpoint: U-Net checkpoint from ``train_segmenter``.
         reference_dir: optional folder of reference masks for Dice / HD95 (see module doc).
         progress: show a progress bar over volumes.
+        hemorrhage_checkpoint: hemorrhage U-Net: label maps and volumes (see module doc).
+        output_format: ``"nifti"``, ``"dicom-seg"`` or ``"both"`` (see module doc).
 
     Returns:
         The rows written to ``summary.csv`` / ``summary.json`` and the paths.
@@ -210,12 +243,25 @@ def segment_folder(
         raise InputError(None, f"method must be 'classical' or 'unet', got {method!r}")
     if method == "unet" and (checkpoint is None or not Path(checkpoint).is_file()):
         raise InputError(checkpoint, "the unet method needs an existing checkpoint file")
+    if output_format not in OUTPUT_FORMATS:
+        raise InputError(
+            None, f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}"
+        )
     reference = Path(reference_dir) if reference_dir is not None else None
     if reference is not None and not reference.is_dir():
         raise InputError(reference, "reference folder does not exist")
     _check_output(input_path, out_dir)
     index = index_input(input_path)
     masker = make_masker(MaskingConfig(enabled=True, method=method, checkpoint=checkpoint))
+    from ichseg.segmentation.hemorrhage import (
+        hemorrhage_volumes,
+        load_hemorrhage_segmenter,
+        write_series_seg,
+    )
+
+    hemorrhage = load_hemorrhage_segmenter(hemorrhage_checkpoint)
+    want_seg = output_format in ("dicom-seg", "both")
+    fields = summary_fields(hemorrhage is not None, want_seg)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # iter_volumes yields one item per series, DICOM series first, then NIfTI files.
@@ -233,7 +279,7 @@ def segment_folder(
     )
     skipped = list(index.skipped)
     for (source, series_uid, nifti_path), item in items:
-        row: dict[str, Any] = {k: None for k in SUMMARY_FIELDS}
+        row: dict[str, Any] = {k: None for k in fields}
         row.update(input=source, series_uid=series_uid, status="error", warnings="")
         if isinstance(item, InputError):
             row["error"] = item.reason if item.path is None else str(item)
@@ -255,20 +301,39 @@ def segment_folder(
             mask = np.asarray(masker(volume), dtype=np.uint8)
             if mask.shape != volume.shape:
                 raise ValueError(f"mask shape {mask.shape} differs from volume {volume.shape}")
-            image_path = write_nifti_atomic(volume.to_nifti(), out_dir / f"{name}_image.nii.gz")
-            mask_path = write_nifti_atomic(
-                volume.to_nifti(mask, dtype=np.uint8), out_dir / f"{name}_mask.nii.gz"
-            )
+            labels = None
+            if hemorrhage is not None:
+                labels = hemorrhage.predict_volume(volume, intracranial_mask=mask)
+            dicom = bool(volume.slice_paths)
+            if output_format != "dicom-seg" or not dicom:
+                image_path = write_nifti_atomic(volume.to_nifti(), out_dir / f"{name}_image.nii.gz")
+                mask_path = write_nifti_atomic(
+                    volume.to_nifti(mask, dtype=np.uint8), out_dir / f"{name}_mask.nii.gz"
+                )
+                row.update(image=image_path.name, mask=mask_path.name)
+                if labels is not None:
+                    labels_path = write_nifti_atomic(
+                        volume.to_nifti(labels, dtype=np.uint8),
+                        out_dir / f"{name}_hemorrhage.nii.gz",
+                    )
+                    row["hemorrhage"] = labels_path.name
+            if want_seg and dicom:
+                row["seg"] = write_series_seg(
+                    volume, mask, labels, out_dir / f"{name}_seg.dcm"
+                ).name
+            elif want_seg:
+                warnings.append(SEG_NEEDS_DICOM)
+                logger.warning("%s: %s", volume.source, SEG_NEEDS_DICOM)
             preview_path = write_preview(
                 volume.hu, mask, out_dir / f"{name}_preview.png", title=name
             )
             voxel_ml = float(np.prod(volume.spacing)) / 1000.0
             row.update(
-                image=image_path.name,
-                mask=mask_path.name,
                 preview=preview_path.name,
                 intracranial_ml=round(float(mask.sum()) * voxel_ml, 3),
             )
+            if labels is not None:
+                row.update(hemorrhage_volumes(labels, volume))
             if not mask.any():
                 warnings.append("empty intracranial mask")
             if reference is not None:
@@ -285,10 +350,10 @@ def segment_folder(
         rows.append(row)
 
     for path, reason in skipped:
-        row = {k: None for k in SUMMARY_FIELDS}
+        row = {k: None for k in fields}
         row.update(input=path, status="skipped", error=reason, warnings="")
         rows.append(row)
-    summary_csv, summary_json = _write_table(rows, out_dir)
+    summary_csv, summary_json = _write_table(rows, out_dir, fields)
     result = SegmentResult(out_dir, rows, summary_csv, summary_json, skipped)
     if result.num_ok == 0:
         first = next((r["error"] for r in rows if r["status"] == "error"), None)

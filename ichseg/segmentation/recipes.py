@@ -1,7 +1,9 @@
-"""Training data for the intracranial U-Net, from a YAML config.
+"""Training data for the U-Net segmenters, from a YAML config.
 
-Sources: phantom studies (ground-truth masks), NIfTI CTs with reference masks, or any CT
-(DICOM or NIfTI) with classical pseudo-labels, for real data that has no masks.
+Sources: phantom studies (ground-truth masks and hemorrhage label maps), NIfTI CTs with
+reference masks or label maps, or any CT (DICOM or NIfTI) with classical pseudo-labels of the
+intracranial space, for real data that has no masks. The packaged hemorrhage recipe is
+``HEMORRHAGE_RECIPE``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ichseg.config import StrictModel, deep_merge, load_raw, parse_override
+from ichseg.config import PACKAGE_CONFIGS, StrictModel, deep_merge, load_raw, parse_override
 from ichseg.errors import ConfigError, InputError
 from ichseg.options import format_validation_error
+
+HEMORRHAGE_RECIPE = PACKAGE_CONFIGS / "segmenter" / "hemorrhage.yaml"
+"""The packaged recipe of the hemorrhage label-map U-Net (``train-segmenter --target
+hemorrhage`` without ``--config``)."""
 
 
 class SegmenterPhantomData(StrictModel):
@@ -22,6 +28,8 @@ class SegmenterPhantomData(StrictModel):
     seed: int = 1000
     size: int = Field(128, ge=32)
     slices: int = Field(24, ge=1)
+    # Share of studies without blood; None keeps the phantom's default.
+    negative_fraction: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class SegmenterDataConfig(StrictModel):
@@ -77,7 +85,10 @@ def training_cases(data: SegmenterDataConfig, target: str = "intracranial") -> l
         from ichseg.phantom import PhantomConfig, generate_study
 
         spec = data.phantom
-        config = PhantomConfig(size=spec.size, num_slices=spec.slices)
+        extra = (
+            {} if spec.negative_fraction is None else {"negative_fraction": spec.negative_fraction}
+        )
+        config = PhantomConfig(size=spec.size, num_slices=spec.slices, **extra)
         studies = (generate_study(spec.seed + i, config) for i in range(spec.studies))
         return [
             SegmentationCase(

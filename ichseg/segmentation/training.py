@@ -120,14 +120,28 @@ class SegmenterTask:
             targets.append(resize_slices_nearest(case.target, size))
             indices.append(neighbour_index(case.hu.shape[0], config.context) + offset)
             offset += case.hu.shape[0]
-        self.images = torch.from_numpy(np.concatenate(stacks))
-        self.targets = torch.from_numpy(np.concatenate(targets).astype(np.float32))
+        # Half precision and uint8 halve and quarter the memory of full-resolution stacks;
+        # batches are cast back to float32.
+        self.images = torch.from_numpy(np.concatenate(stacks).astype(np.float16))
+        target_stack = np.concatenate(targets).astype(np.uint8)
+        self.targets = torch.from_numpy(target_stack)
         self.index = np.concatenate(indices)
+        # Training slices holding each foreground class, for oversampling small targets: a draw
+        # picks a class first, so a rare subtype is seen as often as a common one.
+        flat = target_stack.reshape(len(target_stack), -1)
+        rows = [(c, np.flatnonzero((flat == c).any(1))) for c in range(1, config.num_classes)]
+        self.class_codes = [c for c, r in rows if len(r)]
+        self.class_rows = [r for _, r in rows if len(r)]
+        self.foreground_rows = np.flatnonzero(flat.any(1))
+        self.epoch = 0
         self.generator = torch.Generator()
         self.rng = np.random.default_rng(config.seed)
         from monai.losses import DiceCELoss
 
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        weight = None if config.class_weights is None else torch.tensor(config.class_weights)
+        self.loss_fn = DiceCELoss(
+            to_onehot_y=True, softmax=True, batch=config.batch_dice, weight=weight
+        )
 
     def build_model(self):
         return build_unet(self.config)
@@ -147,25 +161,92 @@ class SegmenterTask:
     def start_epoch(self, epoch: int) -> None:
         from ichseg.engine.loop import epoch_seed
 
+        self.epoch = epoch
         seed = epoch_seed(self.config.seed, epoch)
         self.generator.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
 
+    def samples_per_epoch(self) -> int:
+        return self.config.samples_per_epoch or self.index.shape[0]
+
     def num_batches(self) -> int:
-        return math.ceil(self.index.shape[0] / self.config.batch_size)
+        return math.ceil(self.samples_per_epoch() / self.config.batch_size)
+
+    def epoch_order(self) -> np.ndarray:
+        """Rows of the training slices for one epoch (see :meth:`epoch_plan`)."""
+        return self.epoch_plan()[0]
+
+    def epoch_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the training slices for one epoch, foreground oversampled when configured,
+        and the class code each row was drawn for (0: drawn from all slices).
+
+        Without ``foreground_fraction`` and ``samples_per_epoch`` every slice comes once.
+        Otherwise ``round(fraction x samples)`` rows hold foreground: each draw picks one of
+        the foreground classes present in the training set at random, then a slice holding
+        it. The rest come from all slices (with replacement where a pool is too small), and
+        the two are mixed.
+        """
+        total, wanted = self.index.shape[0], self.samples_per_epoch()
+        fraction = self.config.foreground_fraction
+        if fraction is None or not len(self.foreground_rows):
+            if wanted <= total:
+                rows = self.rng.permutation(total)[:wanted]
+            else:
+                rows = self.rng.choice(total, size=wanted, replace=True)
+            return rows, np.zeros(len(rows), np.uint8)
+        count = int(round(fraction * wanted))
+        per_class = np.bincount(
+            self.rng.integers(len(self.class_rows), size=count), minlength=len(self.class_rows)
+        )
+        chosen = [
+            self.rng.choice(pool, size=n, replace=n > len(pool))
+            for pool, n in zip(self.class_rows, per_class, strict=True)
+        ]
+        rest = self.rng.choice(total, size=wanted - count, replace=wanted - count > total)
+        rows = np.concatenate([*chosen, rest])
+        focus = np.concatenate(
+            [np.full(n, c, np.uint8) for c, n in zip(self.class_codes, per_class, strict=True)]
+            + [np.zeros(len(rest), np.uint8)]
+        )
+        mixed = self.rng.permutation(len(rows))
+        return rows[mixed], focus[mixed]
+
+    def _crop(self, images, targets, focus: np.ndarray):
+        """``patch_size`` squares of a batch: around a pixel of the drawn class (jittered by up
+        to a quarter patch) for oversampled rows, anywhere for the others."""
+        import torch
+
+        size, full = self.config.patch_size, images.shape[-1]
+        crops, crop_targets = [], []
+        for i, code in enumerate(focus):
+            y0, x0 = self.rng.integers(0, full - size + 1, size=2)
+            if code:
+                ys, xs = np.nonzero(targets[i, 0].numpy() == code)
+                if len(ys):
+                    k = self.rng.integers(len(ys))
+                    jitter = self.rng.integers(-size // 4, size // 4 + 1, size=2)
+                    y0 = np.clip(ys[k] + jitter[0] - size // 2, 0, full - size)
+                    x0 = np.clip(xs[k] + jitter[1] - size // 2, 0, full - size)
+            crops.append(images[i, :, y0 : y0 + size, x0 : x0 + size])
+            crop_targets.append(targets[i, :, y0 : y0 + size, x0 : x0 + size])
+        return torch.stack(crops), torch.stack(crop_targets)
 
     def train_batches(self):
         import torch
 
-        order = self.rng.permutation(self.index.shape[0])
+        order, focus = self.epoch_plan()
         size = self.config.batch_size
         for step in range(self.num_batches()):
-            rows = self.index[order[step * size : (step + 1) * size]]
-            images = self.images[torch.from_numpy(rows)].flatten(1, 2)
-            targets = self.targets[torch.from_numpy(rows[:, self.config.context])][:, None]
+            batch = slice(step * size, (step + 1) * size)
+            rows = self.index[order[batch]]
+            images = self.images[torch.from_numpy(rows)].flatten(1, 2).float()
+            centre = torch.from_numpy(rows[:, self.config.context])
+            targets = self.targets[centre][:, None].float()
             if self.config.augment:
                 images, targets = _augment(images, targets, self.generator)
-            yield images, targets
+            if self.config.patch_size is not None and self.config.patch_size < images.shape[-1]:
+                images, targets = self._crop(images, targets, focus[batch])
+            yield images.contiguous(), targets.contiguous()
 
     def loss(self, model, batch, device):
         import torch
@@ -173,20 +254,52 @@ class SegmenterTask:
         images, targets = batch
         images = images.to(device).contiguous(memory_format=torch.channels_last)
         logits = model(images)
+        self.loss_fn.to(device)  # class weights live on the model's device
         return self.loss_fn(logits.float(), targets.to(device)), len(images)
 
     def validate(self, model, device) -> dict[str, float]:
-        if not self.val_ids:
+        last = self.epoch == self.config.epochs - 1
+        if not self.val_ids or ((self.epoch + 1) % self.config.val_every and not last):
             return {"val_dice": math.nan}
         segmenter = Segmenter(model, self.config, str(device))
-        scores = [
-            mean_dice(
-                segmenter.predict(self.cases[i].hu), self.cases[i].target, self.config.num_classes
-            )
-            for i in self.val_ids
+        predictions = [
+            (segmenter.predict(self.cases[i].hu), self.cases[i].target) for i in self.val_ids
         ]
         model.train()
+        if self.config.target == "hemorrhage":
+            return pooled_dice(predictions)
+        scores = [mean_dice(pred, ref, self.config.num_classes) for pred, ref in predictions]
         return {"val_dice": float(np.mean(scores))}
+
+
+def pooled_dice(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Dice per hemorrhage subtype over all validation voxels, and their mean.
+
+    Pooling the voxels of every case keeps a few stray voxels of a subtype that a case lacks
+    from counting as a Dice of 0 for that case: small bleeds make per-case means erratic.
+
+    Returns:
+        ``val_dice`` (mean over the subtypes present in the references) and
+        ``val_dice_<subtype>`` for each of them.
+    """
+    from ichseg.volume import HEMORRHAGE_CODES
+
+    overlap = dict.fromkeys(HEMORRHAGE_CODES, 0)
+    total = dict.fromkeys(HEMORRHAGE_CODES, 0)
+    reference = dict.fromkeys(HEMORRHAGE_CODES, 0)
+    for pred, ref in pairs:
+        for code in HEMORRHAGE_CODES:
+            p, r = pred == code, ref == code
+            overlap[code] += int((p & r).sum())
+            reference[code] += int(r.sum())
+            total[code] += int(p.sum()) + int(r.sum())
+    figures = {
+        f"val_dice_{HEMORRHAGE_CODES[code]}": 2.0 * overlap[code] / total[code]
+        for code in HEMORRHAGE_CODES
+        if reference[code]
+    }
+    values = list(figures.values())
+    return {"val_dice": float(np.mean(values)) if values else math.nan, **figures}
 
 
 def resize_slices_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -66,6 +66,26 @@ class SegmenterConfig(BaseModel):
     seed: int = 0
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     patience: int | None = Field(None, ge=1)
+    # Small targets: draw this fraction of each epoch from slices that hold foreground
+    # (None: every training slice once per epoch, in random order).
+    foreground_fraction: float | None = Field(None, ge=0.0, le=1.0)
+    samples_per_epoch: int | None = Field(None, ge=1)
+    # Train on square patches of the image_size slices (centred near the drawn foreground
+    # class for oversampled draws): full resolution at the cost of a smaller input.
+    patch_size: int | None = Field(None, ge=16)
+    # Validate every n-th epoch (and the last); best.pt is chosen among those.
+    val_every: int = Field(1, ge=1)
+    # Per-class weights of the cross-entropy and Dice terms (background first).
+    class_weights: list[float] | None = None
+    # Dice over the whole batch rather than per slice: slices without a class then do not
+    # turn a few false-positive pixels into a full Dice loss of 1.
+    batch_dice: bool = False
+    # Hemorrhage post-processing (predict_volume): labels outside the intracranial mask are
+    # dropped, and connected bleeds smaller than min_component_ml are removed.
+    restrict_to_intracranial: bool = False
+    min_component_ml: float = Field(0.0, ge=0.0)
+    # Each connected bleed takes the subtype most of its voxels have.
+    component_vote: bool = False
 
     @field_validator("windows")
     @classmethod
@@ -88,6 +108,21 @@ class SegmenterConfig(BaseModel):
         factor = math.prod(self.strides)
         if self.image_size % factor:
             raise ValueError(f"image_size {self.image_size} must be divisible by {factor}")
+        if self.patch_size is not None and (
+            self.patch_size > self.image_size or self.patch_size % factor
+        ):
+            raise ValueError(
+                f"patch_size {self.patch_size} must be at most image_size {self.image_size} "
+                f"and divisible by {factor}"
+            )
+        if self.class_weights is not None:
+            if len(self.class_weights) != self.num_classes:
+                raise ValueError(
+                    f"class_weights needs {self.num_classes} entries (background first), "
+                    f"got {len(self.class_weights)}"
+                )
+            if min(self.class_weights) <= 0:
+                raise ValueError("class_weights must be positive")
         return self
 
     @property
@@ -152,6 +187,60 @@ def postprocess_mask(mask: np.ndarray) -> np.ndarray:
     return fill_holes_per_slice(largest_component(mask)).astype(np.uint8)
 
 
+def postprocess_label_map(
+    labels: np.ndarray,
+    volume: Any,
+    intracranial_mask: np.ndarray | None = None,
+    min_component_ml: float = 0.0,
+    component_vote: bool = False,
+) -> np.ndarray:
+    """A hemorrhage label map without voxels outside the intracranial space or tiny bleeds.
+
+    Args:
+        labels: uint8 ``(z, y, x)`` label map on ``volume``'s grid (0 = none).
+        volume: the CT (a :class:`~ichseg.volume.CTVolume`): its affine and slice positions
+            give each component's volume in ml.
+        intracranial_mask: labels outside it become 0; None keeps them.
+        min_component_ml: connected bleeds (26-connected, whatever their subtypes) smaller
+            than this are removed; 0 keeps every one.
+        component_vote: give every voxel of a connected bleed the subtype most of its voxels
+            have (ties go to the lower code).
+
+    Returns:
+        A new uint8 label map.
+    """
+    from scipy import ndimage
+
+    from ichseg.volumetry import pixel_area_mm2, slab_thicknesses_mm
+
+    labels = np.array(labels, dtype=np.uint8)
+    if labels.shape != volume.shape:
+        raise ValueError(f"label map shape {labels.shape} differs from volume {volume.shape}")
+    if intracranial_mask is not None:
+        labels[np.asarray(intracranial_mask) == 0] = 0
+    if not labels.any() or (min_component_ml <= 0 and not component_vote):
+        return labels
+    components, count = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    if min_component_ml > 0:
+        voxel_ml = slab_thicknesses_mm(volume) * pixel_area_mm2(volume) / 1000.0
+        weights = np.broadcast_to(voxel_ml[:, None, None], labels.shape)
+        sizes = ndimage.sum_labels(weights, components, range(1, count + 1))
+        small = np.flatnonzero(np.asarray(sizes) < min_component_ml) + 1
+        removed = np.isin(components, small)
+        labels[removed] = 0
+        components[removed] = 0
+    if component_vote:
+        top = int(labels.max()) + 1
+        inside = components > 0
+        votes = np.bincount(
+            components[inside].astype(np.int64) * top + labels[inside], minlength=(count + 1) * top
+        ).reshape(count + 1, top)
+        votes[:, 0] = 0
+        winner = votes.argmax(axis=1).astype(np.uint8)
+        labels[inside] = winner[components[inside]]
+    return labels
+
+
 class Segmenter:
     """A trained U-Net that maps a HU volume to a mask or label map on the same grid.
 
@@ -211,9 +300,51 @@ class Segmenter:
         mask |= partial_volume_rim(mask, hu) & (foreground > RIM_MIN_PROBABILITY)
         return mask.astype(np.uint8)
 
+    def predict_volume(
+        self,
+        volume,
+        intracranial_mask: np.ndarray | None = None,
+        *,
+        batch_size: int = 32,
+        restrict_to_intracranial: bool | None = None,
+        min_component_ml: float | None = None,
+        component_vote: bool | None = None,
+    ) -> np.ndarray:
+        """uint8 ``(z, y, x)`` mask or label map of a CT volume, post-processed on its geometry.
+
+        The intracranial target gives :meth:`predict`. The hemorrhage target then applies
+        :func:`postprocess_label_map` with the config's settings (or those given here).
+
+        Args:
+            volume: a :class:`~ichseg.volume.CTVolume`.
+            intracranial_mask: the mask that bounds the blood when restricting; None computes
+                the classical one (:func:`~ichseg.segmentation.classical_intracranial_mask`).
+            batch_size: slices per forward pass.
+            restrict_to_intracranial: override of ``config.restrict_to_intracranial``.
+            min_component_ml: override of ``config.min_component_ml``.
+            component_vote: override of ``config.component_vote``.
+        """
+        labels = self.predict(volume.hu, batch_size)
+        if self.config.target != "hemorrhage":
+            return labels
+        restrict = (
+            self.config.restrict_to_intracranial
+            if restrict_to_intracranial is None
+            else restrict_to_intracranial
+        )
+        minimum = self.config.min_component_ml if min_component_ml is None else min_component_ml
+        if restrict and intracranial_mask is None:
+            from ichseg.segmentation.classical import classical_intracranial_mask
+
+            intracranial_mask = classical_intracranial_mask(volume.hu, volume.spacing)
+        vote = self.config.component_vote if component_vote is None else component_vote
+        return postprocess_label_map(
+            labels, volume, intracranial_mask if restrict else None, minimum, vote
+        )
+
     def __call__(self, volume) -> np.ndarray:
-        """Masker interface: a CTVolume (or anything with ``.hu``) -> uint8 mask."""
-        return self.predict(volume.hu)
+        """Masker interface: a CTVolume -> uint8 mask (or post-processed label map)."""
+        return self.predict_volume(volume)
 
 
 def load_segmenter(path: str | Path, device: str = "cpu") -> Segmenter:
