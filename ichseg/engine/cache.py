@@ -861,7 +861,9 @@ def _layout_attributes(layout, source, patient: str) -> dict[str, Any]:
     record = header_attributes(layout.metadata)
     first = layout.headers[0]
     if record["slice_thickness"] is None and len(layout.slice_positions) > 1:
-        record["slice_thickness"] = round(float(np.median(np.abs(np.diff(layout.slice_positions)))), 4)
+        record["slice_thickness"] = round(
+            float(np.median(np.abs(np.diff(layout.slice_positions)))), 4
+        )
     if first.pixel_spacing is not None and len(first.pixel_spacing) == 2:
         record["pixel_spacing"] = round(sum(first.pixel_spacing) / 2, 4)
     record["rows"], record["columns"] = float(first.rows), float(first.columns)

@@ -79,7 +79,7 @@ def training_cases(data: SegmenterDataConfig, target: str = "intracranial") -> l
         target: ``intracranial`` (masks) or ``hemorrhage`` (label maps with the codes of
             :data:`ichseg.volume.HEMORRHAGE_CODES`; not available from pseudo-labels).
     """
-    from ichseg.segmentation.training import SegmentationCase
+    from ichseg.segmentation.cases import SegmentationCase
 
     if data.source == "phantom":
         from ichseg.phantom import PhantomConfig, generate_study
