@@ -57,3 +57,27 @@ def segmenter_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     run_dir = tmp_path_factory.mktemp("segmenter")
     return train_segmenter(studies, config, run_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def sequence_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sequence run (GRU head, 2 epochs) over the tiny run's embeddings, trained and evaluated."""
+    from ichseg.config import load_config
+    from ichseg.engine.train import train
+
+    config = load_config(
+        trained_run / "config.yaml",
+        extra={
+            "name": "tiny_sequence",
+            "sequence": {
+                "enabled": True,
+                "epochs": 2,
+                "hidden": 16,
+                "batch_size": 2,
+                "backbone_run": str(trained_run),
+            },
+        },
+    )
+    run_dir = tmp_path_factory.mktemp("sequence") / "run"
+    train(config, run_dir, progress=False)
+    return run_dir
