@@ -110,6 +110,15 @@ def resolve_model_files(model_path: Path) -> ModelFiles:
     )
 
 
+def _finite_or_none(value: Any) -> Any:
+    """JSON-safe copy: infinite thresholds (no threshold could be chosen) become None."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 @dataclass
 class Predictor:
     """A classifier with its preprocessing, operating thresholds and output segmenter.
@@ -214,7 +223,7 @@ class Predictor:
             "model": self.config.model.name
             + (f" + {self.config.sequence.kind} sequence head" if self.head is not None else ""),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
-            "thresholds": self.thresholds.to_dict(),
+            "thresholds": _finite_or_none(self.thresholds.to_dict()),
             "notes": list(self.notes),
         }
 

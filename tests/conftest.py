@@ -31,6 +31,17 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def nifti_ct_dir(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The phantom's CT volumes alone (``*_ct.nii.gz``), without its label maps."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("nifti_ct")
+    for path in sorted((phantom_dir / "nifti").glob("*_ct.nii.gz")):
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained and evaluated tiny run folder (best.pt, thresholds.json, config.yaml, eval/)."""
     from ichseg.config import load_config

@@ -41,23 +41,14 @@ def members(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> list
     return runs
 
 
-def _nifti_folder(phantom_dir: Path, root: Path) -> Path:
-    folder = root / "nifti"
-    folder.mkdir()
-    for path in sorted((phantom_dir / "nifti").glob("*_ct.nii.gz")):
-        shutil.copy(path, folder / path.name)
-    return folder
-
-
 def test_ensemble_of_three_on_dicom_and_nifti(
-    members: list[Path], phantom_dir: Path, tmp_path: Path
+    members: list[Path], phantom_dir: Path, nifti_ct_dir: Path, tmp_path: Path
 ) -> None:
     from ichseg.inference import load_predictor
     from ichseg.metrics import aggregate_probabilities
 
     names = load_predictor(members[0], device="cpu").class_names
-    nifti = _nifti_folder(phantom_dir, tmp_path)
-    for source, label in ((phantom_dir / "dicom", "dicom"), (nifti, "nifti")):
+    for source, label in ((phantom_dir / "dicom", "dicom"), (nifti_ct_dir, "nifti")):
         singles = []
         for i, run in enumerate(members):
             out = tmp_path / f"{label}_single{i}"

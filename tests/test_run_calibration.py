@@ -28,7 +28,11 @@ def _overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def test_temperature_scaling_lowers_held_out_ece() -> None:
-    from ichseg.engine.calibrate import calibration_summary, fit_run_calibration
+    from ichseg.engine.calibrate import (
+        CalibrationEvidence,
+        calibration_summary,
+        fit_run_calibration,
+    )
 
     config = load_config()
     labels, prob, series = _overconfident(4000, 1)
@@ -37,8 +41,7 @@ def test_temperature_scaling_lowers_held_out_ece() -> None:
     temperatures = np.array(calibration.calibrator.temperatures)
     np.testing.assert_allclose(temperatures, 3.0, rtol=0.15)
     held_labels, held_prob, held_series = _overconfident(3000, 2)
-    summary = calibration_summary(
-        calibration,
+    evidence = CalibrationEvidence(
         held_labels,
         held_prob,
         calibration.apply(held_prob),
@@ -48,6 +51,7 @@ def test_temperature_scaling_lowers_held_out_ece() -> None:
         "max",
         "slice",
     )
+    summary = calibration_summary(calibration, evidence)
     before, after = summary["slices"]["before"], summary["slices"]["after"]
     assert after["mean_ece"] < before["mean_ece"] / 2
     assert after["mean_brier"] < before["mean_brier"]

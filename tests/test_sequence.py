@@ -151,13 +151,9 @@ def predict_volume_images(predictor, volume) -> np.ndarray:
 
 
 def test_predict_sequence_run_on_dicom_and_nifti(
-    sequence_run: Path, phantom_dir: Path, tmp_path: Path
+    sequence_run: Path, phantom_dir: Path, nifti_ct_dir: Path, tmp_path: Path
 ) -> None:
-    nifti = tmp_path / "nifti"
-    nifti.mkdir()
-    for path in sorted((phantom_dir / "nifti").glob("*_ct.nii.gz")):
-        shutil.copy(path, nifti / path.name)
-    for source, out in ((phantom_dir / "dicom", tmp_path / "d"), (nifti, tmp_path / "n")):
+    for source, out in ((phantom_dir / "dicom", tmp_path / "d"), (nifti_ct_dir, tmp_path / "n")):
         result = runner.invoke(
             app, ["predict", str(sequence_run), str(source), str(out), "--quiet", "--no-gradcam"]
         )

@@ -83,13 +83,9 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_predict_with_tta_on_dicom_and_nifti(
-    trained_run: Path, phantom_dir: Path, tmp_path: Path
+    trained_run: Path, phantom_dir: Path, nifti_ct_dir: Path, tmp_path: Path
 ) -> None:
-    nifti = tmp_path / "nifti"
-    nifti.mkdir()
-    for path in sorted((phantom_dir / "nifti").glob("*_ct.nii.gz")):
-        shutil.copy(path, nifti / path.name)
-    for source, name in ((phantom_dir / "dicom", "dicom"), (nifti, "nifti")):
+    for source, name in ((phantom_dir / "dicom", "dicom"), (nifti_ct_dir, "nifti")):
         plain, tta = tmp_path / f"{name}_plain", tmp_path / f"{name}_tta"
         common = ["--quiet", "--no-gradcam"]
         result = runner.invoke(app, ["predict", str(trained_run), str(source), str(plain), *common])

@@ -240,22 +240,12 @@ def _measures(labels: np.ndarray, probabilities: np.ndarray, names: list[str]) -
     }
 
 
-def calibration_summary(
-    calibration: RunCalibration,
-    labels: np.ndarray,
-    raw: np.ndarray,
-    calibrated: np.ndarray,
-    series_ids: np.ndarray,
-    names: list[str],
-    task: str,
-    aggregation: str,
-    label_level: str,
-) -> dict[str, Any]:
-    """Brier score and ECE per class before and after calibration, slices and series.
+@dataclass
+class CalibrationEvidence:
+    """Probabilities of evaluated rows before and after calibration, with their labels.
 
-    Args:
-        calibration: the run's calibration (method and provenance are recorded).
-        labels: targets of the evaluated rows (layout as :func:`fit_run_calibration`).
+    Attributes:
+        labels: targets (layout as :func:`fit_run_calibration`).
         raw: ``(N, K)`` uncalibrated probabilities.
         calibrated: ``(N, K)`` calibrated probabilities.
         series_ids: ``(N,)`` series of each row.
@@ -263,6 +253,38 @@ def calibration_summary(
         task: ``"multilabel"`` or ``"multiclass"``.
         aggregation: the run's series rule.
         label_level: ``"slice"`` or ``"series"`` (slice measures only for slice labels).
+    """
+
+    labels: np.ndarray
+    raw: np.ndarray
+    calibrated: np.ndarray
+    series_ids: np.ndarray
+    names: list[str]
+    task: str
+    aggregation: str
+    label_level: str
+
+    def levels(self) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+        """``(level, labels, before, after)`` for slices (slice labels) and series (multilabel)."""
+        out = []
+        if self.task == "multiclass" or self.label_level == "slice":
+            out.append(("slices", self.labels, self.raw, self.calibrated))
+        if self.task == "multilabel":
+            rule, ids = self.aggregation, self.series_ids
+            _, labels, before = aggregate_by_series(self.labels, self.raw, ids, rule)
+            _, _, after = aggregate_by_series(self.labels, self.calibrated, ids, rule)
+            out.append(("series", labels, before, after))
+        return out
+
+
+def calibration_summary(
+    calibration: RunCalibration, evidence: CalibrationEvidence
+) -> dict[str, Any]:
+    """Brier score and ECE per class before and after calibration, slices and series.
+
+    Args:
+        calibration: the run's calibration (method and provenance are recorded).
+        evidence: the evaluated rows' labels and probabilities.
     """
     summary: dict[str, Any] = {
         "method": calibration.method,
@@ -272,51 +294,27 @@ def calibration_summary(
         "note": calibration.note,
         "ece_bins": ECE_BINS,
     }
-    if task == "multiclass" or label_level == "slice":
-        summary["slices"] = {
-            "before": _measures(labels, raw, names),
-            "after": _measures(labels, calibrated, names),
+    for level, labels, before, after in evidence.levels():
+        summary[level] = {
+            "before": _measures(labels, before, evidence.names),
+            "after": _measures(labels, after, evidence.names),
         }
-    if task == "multilabel":
-        _, series_labels, series_raw = aggregate_by_series(labels, raw, series_ids, aggregation)
-        _, _, series_cal = aggregate_by_series(labels, calibrated, series_ids, aggregation)
-        summary["series"] = {
-            "aggregation": aggregation,
-            "before": _measures(series_labels, series_raw, names),
-            "after": _measures(series_labels, series_cal, names),
-        }
+    if "series" in summary:
+        summary["series"]["aggregation"] = evidence.aggregation
     return summary
 
 
-def write_reliability(
-    out_dir: Path,
-    labels: np.ndarray,
-    raw: np.ndarray,
-    calibrated: np.ndarray,
-    series_ids: np.ndarray,
-    names: list[str],
-    task: str,
-    aggregation: str,
-    label_level: str,
-) -> list[Path]:
+def write_reliability(out_dir: Path, evidence: CalibrationEvidence) -> list[Path]:
     """``reliability.png`` (slices) and ``reliability_series.png``: before and after, per class."""
     paths = []
-    if task == "multiclass" or label_level == "slice":
+    for level, labels, before, after in evidence.levels():
         figure = reliability_figure(
-            reliability_curve(labels, raw, ECE_BINS),
-            reliability_curve(labels, calibrated, ECE_BINS),
-            names,
+            reliability_curve(labels, before, ECE_BINS),
+            reliability_curve(labels, after, ECE_BINS),
+            evidence.names,
         )
-        paths.append(save_figure(figure, out_dir / "reliability.png"))
-    if task == "multilabel":
-        _, series_labels, series_raw = aggregate_by_series(labels, raw, series_ids, aggregation)
-        _, _, series_cal = aggregate_by_series(labels, calibrated, series_ids, aggregation)
-        figure = reliability_figure(
-            reliability_curve(series_labels, series_raw, ECE_BINS),
-            reliability_curve(series_labels, series_cal, ECE_BINS),
-            names,
-        )
-        paths.append(save_figure(figure, out_dir / "reliability_series.png"))
+        name = "reliability.png" if level == "slices" else "reliability_series.png"
+        paths.append(save_figure(figure, out_dir / name))
     return paths
 
 

@@ -5,7 +5,7 @@ again, so they are computed once per (slice cache, backbone weights, TTA, rows) 
 the slice cache::
 
     <cache_root>/embeddings-<key>/
-        embeddings.npy     (n, F) float16 (float32 if a value would overflow float16)
+        embeddings.npy     (n, F) float16 when that holds every value exactly, else float32
         rows.npy           (n,) the slice-cache rows they belong to, ascending
         meta.json          what the key hashes (slice cache, backbone SHA-1, TTA), and F
         done.json          written last
@@ -14,7 +14,7 @@ The key hashes the slice cache's folder name (itself a hash of the preprocessing
 the SHA-1 of the backbone checkpoint's bytes, the TTA views and the rows, so a retrained backbone
 or a rebuilt cache never reuses stale embeddings. The folder appears by an atomic rename. bf16
 autocast leaves the backbone's features with 8 significant bits, so float16 storage (11 bits)
-loses nothing and halves the disk.
+usually holds them exactly and halves the disk; when it would not, float32 is kept.
 """
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ def embed_slices(
     if len(rows) == 0:
         values = np.zeros((0, int(getattr(model, "num_features", 0))), dtype=np.float32)
     stored = values.astype(np.float16)
-    if not np.isfinite(stored).all():
-        stored = values
+    if not np.array_equal(stored.astype(np.float32), values):
+        stored = values  # float16 only where it is exact, so cached and live embeddings agree
     _publish(folder, rows, stored, slices, backbone_sha1, tta)
     return EmbeddingTable(rows, stored, folder, computed=True)
 

@@ -187,6 +187,7 @@ def evaluate_run(
         progress: progress output while caching.
         tta: average the probabilities (sequence runs: the embeddings) over these views.
     """
+    from ichseg.engine.calibrate import calibration_summary
     from ichseg.engine.report import write_report
     from ichseg.metrics import evaluate_multiclass, evaluate_multilabel
 
@@ -245,14 +246,13 @@ def evaluate_run(
         if split == "test"
         else ("validation split (used to choose thresholds and for early stopping: optimistic)")
     )
-    metrics["calibration"] = _calibration_record(
-        calibration, config, slices, truth, raw, prob, series
-    )
+    evidence = _evidence(config, slices, truth, raw, prob, series)
+    metrics["calibration"] = calibration_summary(calibration, evidence)
     metrics["tta"] = _tta_record(tta, timer, seconds)
     out = run_dir / EVAL_DIR / eval_folder(split, tta)
     write_report(metrics, out, truth, prob, names, config.task.mode, series_ids=series)
     _write_predictions(out / "predictions.csv", slices, idx, prob, names)
-    _write_extras(out, metrics, config, slices, truth, raw, prob, series)
+    _write_extras(out, metrics, evidence)
     return metrics
 
 
@@ -285,11 +285,10 @@ def _calibrate(
     return calibration, calibration.apply(val_raw), calibration.apply(raw)
 
 
-def _calibration_record(calibration, config, slices, truth, raw, prob, series) -> dict[str, Any]:
-    from ichseg.engine.calibrate import calibration_summary
+def _evidence(config, slices, truth, raw, prob, series):
+    from ichseg.engine.calibrate import CalibrationEvidence
 
-    return calibration_summary(
-        calibration,
+    return CalibrationEvidence(
         truth,
         raw,
         prob,
@@ -311,23 +310,13 @@ def _tta_record(
     }
 
 
-def _write_extras(out: Path, metrics, config, slices, truth, raw, prob, series) -> None:
+def _write_extras(out: Path, metrics: dict[str, Any], evidence) -> None:
     """Reliability diagrams, and the calibration and TTA sections appended to report.md."""
     from ichseg.engine.calibrate import calibration_markdown, write_reliability
     from ichseg.fileio import write_text
 
-    names = config.task.class_names
-    write_reliability(
-        out,
-        truth,
-        raw,
-        prob,
-        series,
-        names,
-        config.task.mode,
-        config.eval.aggregation,
-        slices.label_level,
-    )
+    names = evidence.names
+    write_reliability(out, evidence)
     tta = metrics["tta"]
     if tta["name"] == "none":
         tta_text = "Test-time augmentation: none.\n"
