@@ -16,7 +16,11 @@ Every rung is trained and tested on the same patients. Reports, as one JSON obje
 
 Example::
 
-    python benchmarks/sequence.py --out /tmp/seqbench --phantom-seed 2024 --seeds 3
+    python benchmarks/sequence.py --out /tmp/seqbench --phantom-seed 2024 --seeds 3 \
+        --set train.amp=false
+
+(``train.amp=false``: on a busy 2-core CPU, bf16 training steps of SE-ResNet50 ran 10x slower
+than fp32 ones; see README.md, *Contention*.)
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--phantom-seed", type=int, default=2024, help="data.phantom.seed")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per rung")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="config override for every rung, e.g. train.amp=false (repeatable)",
+    )
     parser.add_argument(
         "--sequence-set",
         action="append",
@@ -128,6 +139,20 @@ def _calibration(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _run_seconds(runs: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Wall seconds of each run from its files: config written (start) to test report (end).
+
+    For rung 06 this is the head alone when it reused rung 05's run as its backbone.
+    """
+    out: dict[str, list[float | None]] = {}
+    for run in runs:
+        start = run["dir"] / "config.yaml"
+        end = run["dir"] / "eval" / "test" / "metrics.json"
+        seconds = end.stat().st_mtime - start.stat().st_mtime if end.is_file() else None
+        out.setdefault(run["rung"], []).append(rounded(seconds, 1))
+    return out
+
+
 def _tta(runs: list[dict[str, Any]], cache_root: Path) -> dict[str, Any]:
     from ichseg.engine.evaluate import evaluate_run
     from ichseg.engine.predict import TestTimeAugmentation
@@ -173,13 +198,18 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "env": environment(device, torch.get_num_threads()),
         "phantom_seed": args.phantom_seed,
+        "overrides": args.overrides,
         "sequence_set": args.sequence_set,
     }
     started = time.perf_counter()
     log("training the intracranial U-Net")
     segmenter = _segmenter(out)
     rungs = _rung_files(out, args.sequence_set)
-    overrides = [f"data.phantom.seed={args.phantom_seed}", f"eval.n_boot={args.n_boot}"]
+    overrides = [
+        f"data.phantom.seed={args.phantom_seed}",
+        f"eval.n_boot={args.n_boot}",
+        *args.overrides,
+    ]
     log(f"ladder 04-06, {args.seeds} seed(s), phantom seed {args.phantom_seed}")
     ladder = run_ablation(
         rungs,
@@ -202,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         "rung06": pair["table"][1],
     }
     result["calibration"] = _calibration(_runs(out, names))
+    result["run_wall_s"] = _run_seconds(_runs(out, names))
     if not args.no_tta:
         log("flip TTA on seed 0 of rungs 04 and 06")
         result["tta"] = _tta(_runs(out, [names[0], names[2]]), out / "cache")

@@ -9,6 +9,10 @@ and, per rung, its difference from the previous rung on the same patients: a pai
 patient-and-seed bootstrap of the difference and DeLong's test on series (one case per series,
 seed-averaged probabilities). Validation figures (used for early stopping) are listed
 separately and labelled as such.
+
+A sequence rung (``sequence.enabled``, rung 06) embeds slices with a classifier: seed ``s``
+reuses the finished run of seed ``s`` of an earlier rung whose config is exactly its backbone
+config (rung 05), and otherwise trains its own backbone inside its run folder.
 """
 
 from __future__ import annotations

@@ -365,7 +365,15 @@ def train_sequence(
     embeddings computed once per backbone and slice cache (:mod:`ichseg.engine.embeddings`),
     through :func:`ichseg.engine.loop.fit`, so it resumes and saves like any run.
 
-    Args: as :func:`train`.
+    Args:
+        config: the resolved run config with ``sequence.enabled``.
+        run_dir: the sequence run folder (``backbone/``, the head's checkpoints, eval reports).
+        resume: continue the backbone and the head from their ``last.pt``.
+        segmenter: U-Net checkpoint for ``masking.method: unet``.
+        preprocessor: an already built preprocessor for this config.
+        cache_root: where preprocessed slices and embeddings are cached.
+        progress: progress output.
+        evaluate: choose thresholds and calibration on validation and score the test split.
 
     Raises:
         ConfigError: a backbone run of another config, another split than the run's, or torchrun.
