@@ -9,6 +9,10 @@ Layout of a bundle ``B``::
     B/configs/ichseg_run.yaml        the run's resolved config (provenance)
     B/models/classifier.pt           the run's best.pt ({"state_dict", "config", ...})
     B/models/thresholds.json         operating thresholds chosen on the validation split
+    B/models/calibration.json        the probability calibration fitted on validation (if any)
+    B/models/sequence.pt             sequence runs: the series head (classifier.pt is then the
+                                     backbone whose slice embeddings it reads)
+    B/models/tta-<name>/             thresholds and calibration fitted with TTA (if any)
     B/models/segmenter.pt            U-Net intracranial segmenter (when one is available)
     B/docs/README.md, B/LICENSE
 
@@ -33,7 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from ichseg.config import RunConfig, WindowSpec, save_config
-from ichseg.engine.checkpoint import CLASSIFIER_FILE, SEGMENTER_FILE, THRESHOLDS_FILE
+from ichseg.engine.checkpoint import (
+    CALIBRATION_FILE,
+    CLASSIFIER_FILE,
+    SEGMENTER_FILE,
+    SEQUENCE_FILE,
+    THRESHOLDS_FILE,
+    TTA_DIR_PREFIX,
+)
 from ichseg.errors import ConfigError, InputError
 from ichseg.fileio import write_text
 
@@ -175,9 +186,16 @@ def build_metadata(
         if config.masking.enabled
         else ""
     )
+    sequence = (
+        f" A {'bidirectional GRU' if config.sequence.kind == 'gru' else '1D convolution'} "
+        "sequence head reads the classifier's slice embeddings of each whole series in slice "
+        "order and predicts every slice."
+        if config.sequence.enabled
+        else ""
+    )
     description = description or (
         f"{config.model.name} classifier of intracranial hemorrhage on head CT slices "
-        f"({config.data.in_channels}-channel windowed {size}x{size} input{masked}). "
+        f"({config.data.in_channels}-channel windowed {size}x{size} input{masked}).{sequence} "
         "Predicts per-slice probabilities and aggregates them per series; writes an "
         "intracranial mask and Grad-CAM overlays for positive series."
     )
@@ -312,17 +330,26 @@ def _license_text(authors: str) -> str:
     )
 
 
-def _load_run(run_dir: Path) -> tuple[Path, RunConfig]:
-    """The run's best checkpoint and its config, vetted like any model ichseg loads."""
-    from ichseg.engine.checkpoint import BEST, load_classifier
+def _load_run(run_dir: Path) -> tuple[Path, RunConfig, Path | None]:
+    """The run's classifier checkpoint, its config, and its sequence head (sequence runs),
+    vetted like any model ichseg loads."""
+    from ichseg.engine.checkpoint import BACKBONE_DIR, BEST, load_classifier
 
     if not run_dir.is_dir():
         raise InputError(run_dir, "no such run folder")
     checkpoint = run_dir / BEST
     if not checkpoint.is_file():
         raise InputError(run_dir, f"not a training run folder (no {BEST})")
+    if (run_dir / BACKBONE_DIR / BEST).is_file():
+        from ichseg.engine.sequence import check_backbone, load_sequence_head
+
+        backbone = run_dir / BACKBONE_DIR / BEST
+        config, _, record = load_sequence_head(checkpoint)
+        check_backbone(record, backbone, checkpoint)
+        load_classifier(backbone)
+        return backbone, config, checkpoint
     config, _, _ = load_classifier(checkpoint)
-    return checkpoint, config
+    return checkpoint, config, None
 
 
 def _segmenter_source(
@@ -415,7 +442,7 @@ def export_bundle(
         raise ConfigError(f"bundle version {version!r} must look like MAJOR.MINOR.PATCH")
     from ichseg.engine.checkpoint import load_thresholds
 
-    checkpoint, config = _load_run(run_dir)
+    checkpoint, config, head = _load_run(run_dir)
     thresholds = load_thresholds(run_dir / THRESHOLDS_FILE, config.task.class_names)
     _check_target(run_dir, out_dir, overwrite)
     segmenter_path = _segmenter_source(run_dir, config, segmenter)
@@ -444,7 +471,10 @@ def export_bundle(
         else:
             save_config(config, configs / RUN_CONFIG_FILE)
         shutil.copyfile(checkpoint, models / CLASSIFIER_FILE)
+        if head is not None:
+            shutil.copyfile(head, models / SEQUENCE_FILE)
         shutil.copyfile(run_dir / THRESHOLDS_FILE, models / THRESHOLDS_FILE)
+        _copy_serving_files(run_dir, models)
         if segmenter_path is not None:
             shutil.copyfile(segmenter_path, models / SEGMENTER_FILE)
         write_text(docs / "README.md", _readme(meta, config, thresholds.aggregation))
@@ -454,6 +484,18 @@ def export_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _copy_serving_files(run_dir: Path, models: Path) -> None:
+    """Calibration, and the thresholds and calibration fitted with TTA, as the run has them."""
+    if (run_dir / CALIBRATION_FILE).is_file():
+        shutil.copyfile(run_dir / CALIBRATION_FILE, models / CALIBRATION_FILE)
+    for folder in sorted(run_dir.glob(f"{TTA_DIR_PREFIX}*")):
+        if (folder / THRESHOLDS_FILE).is_file():
+            (models / folder.name).mkdir()
+            for name in (THRESHOLDS_FILE, CALIBRATION_FILE):
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, models / folder.name / name)
 
 
 def _publish(staging: Path, out_dir: Path) -> None:

@@ -312,6 +312,29 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     typer.echo(f"{metrics.get('split', 'test')}: " + "  ".join(parts))
 
 
+TtaOpt = Annotated[
+    bool, typer.Option("--tta", help="Test-time augmentation: average with the left-right flip.")
+]
+TtaShiftOpt = Annotated[
+    int,
+    typer.Option(
+        "--tta-shift", min=0, help="TTA: also average 4 copies shifted by this many pixels."
+    ),
+]
+
+
+def _echo_tta(record: dict[str, Any] | None) -> None:
+    if not record or record.get("views", 1) <= 1:
+        return
+    added = record.get("forward_tta_added_s") or 0.0
+    plain = record.get("forward_plain_s") or 0.0
+    share = f" (+{100 * added / plain:.0f} %)" if plain > 0 else ""
+    typer.echo(
+        f"TTA {record.get('name')}: {record['views']} views; forward passes {plain:.2f} s plain "
+        f"+ {added:.2f} s added by TTA{share}"
+    )
+
+
 @app.command()
 @user_errors
 def evaluate(
@@ -320,15 +343,41 @@ def evaluate(
     segmenter: Annotated[
         Path | None, typer.Option(help="Another U-Net than the run's own (changes the input).")
     ] = None,
+    tta: TtaOpt = False,
+    tta_shift: TtaShiftOpt = 0,
 ) -> None:
-    """Re-evaluate a run's best checkpoint on its own held-out split (from splits.json)."""
-    from ichseg.engine.evaluate import evaluate_run
+    """Re-evaluate a run's best checkpoint on its own held-out split (from splits.json).
+
+    Calibration (the config's eval.calibration) is fitted on validation and saved; thresholds
+    are chosen on the calibrated validation probabilities. With --tta the probabilities (for
+    sequence runs: the embeddings) are averaged over flipped (and shifted) views; its
+    thresholds and calibration go to RUN/tta-<name>/ and the report to eval/<split>_<name>/.
+    """
+    from ichseg.engine.evaluate import eval_folder, evaluate_run
+    from ichseg.engine.predict import make_tta
 
     if split not in ("val", "test"):
         _fail(f"--split must be val or test, got {split!r}")
-    metrics = evaluate_run(run, split=split, segmenter=segmenter)
+    augmentation = make_tta(tta, tta_shift)
+    metrics = evaluate_run(run, split=split, segmenter=segmenter, tta=augmentation)
     _print_metrics(metrics)
-    typer.echo(f"report: {run / 'eval' / split / 'report.md'}")
+    _echo_calibration(metrics.get("calibration"))
+    _echo_tta(metrics.get("tta"))
+    typer.echo(f"report: {run / 'eval' / eval_folder(split, augmentation) / 'report.md'}")
+
+
+def _echo_calibration(summary: dict[str, Any] | None) -> None:
+    if not summary or summary.get("method") == "none":
+        return
+    for level in ("slices", "series"):
+        part = summary.get(level)
+        if part and part["before"]["mean_ece"] is not None:
+            typer.echo(
+                f"calibration ({summary['method']}), {level}: mean ECE "
+                f"{part['before']['mean_ece']:.4f} -> {part['after']['mean_ece']:.4f}, "
+                f"mean Brier {part['before']['mean_brier']:.4f} -> "
+                f"{part['after']['mean_brier']:.4f}"
+            )
 
 
 @app.command()
@@ -342,13 +391,22 @@ def ablate(
     profile: Annotated[str | None, typer.Option(help="quick: small CPU profile.")] = None,
     overrides: OverrideOpt = None,
     segmenter: Annotated[Path | None, typer.Option(help="U-Net checkpoint for rung 4.")] = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Default ladder plus 05 (2.5D) and 06 (sequence).")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
-    """Run the ladder VGG16 -> ResNet50 -> +SE -> +U-Net over seeds; table with 95 % CIs."""
-    from ichseg.engine.ablation import format_table, run_ablation
+    """Run the ladder VGG16 -> ResNet50 -> +SE -> +U-Net over seeds; table with 95 % CIs.
 
+    --full adds rung 05 (neighbour slices as channels) and 06 (a sequence head over rung 05's
+    embeddings; seed s reuses rung 05's run of seed s as its backbone).
+    """
+    from ichseg.engine.ablation import FULL_LADDER, format_table, run_ablation
+
+    if full and configs:
+        _fail("--full runs the packaged ladder; give either --full or rung configs")
     result = run_ablation(
-        configs,
+        list(FULL_LADDER) if full else configs,
         out,
         seeds=seeds,
         profile=profile,
@@ -365,18 +423,28 @@ def ablate(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("ichseg-demo"),
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per rung.")] = 3,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Also rungs 05 (2.5D) and 06 (sequence head); longer."),
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Run the whole pipeline on built-in phantom data: segmenter, ladder, report."""
     from ichseg.demo import run_demo
 
-    run_demo(out, seeds=seeds, progress=not quiet, echo=typer.echo)
+    run_demo(out, seeds=seeds, full=full, progress=not quiet, echo=typer.echo)
 
 
 @app.command()
 @user_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="Training run folder or exported bundle.")],
+    model: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Training run folder(s) or exported bundle(s); several form an ensemble.",
+            show_default=False,
+        ),
+    ],
     input: Annotated[Path, typer.Argument(help="DICOM folder tree and/or NIfTI files.")],
     out: Annotated[Path, typer.Argument(help="Output folder (must not be inside INPUT).")],
     gradcam: Annotated[bool, typer.Option(help="Grad-CAM PNGs for positive series.")] = True,
@@ -399,6 +467,8 @@ def predict(
     gradcam_format: Annotated[
         str, typer.Option(help="Grad-CAM as png | dicom (Secondary Capture) | both.")
     ] = "png",
+    tta: TtaOpt = False,
+    tta_shift: TtaShiftOpt = 0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     workers: WorkersOpt = None,
     compile: Annotated[
@@ -409,7 +479,13 @@ def predict(
         ),
     ] = None,
 ) -> None:
-    """Per-slice and per-series hemorrhage probabilities, masks and Grad-CAM for a folder."""
+    """Per-slice and per-series hemorrhage probabilities, masks and Grad-CAM for a folder.
+
+    ichseg predict MODEL [MODEL ...] INPUT OUT: the last two paths are always INPUT and OUT.
+    Several models (seeds or folds of one task) are averaged after calibration, and series.csv
+    gains sd_<class>, the standard deviation of the series probability over the models.
+    """
+    from ichseg.engine.predict import make_tta
     from ichseg.inference import predict as run_predict
 
     with _settings(workers=workers, compile=compile):
@@ -426,14 +502,24 @@ def predict(
             output_format=output_format,
             sr=sr,
             gradcam_format=gradcam_format,
+            tta=make_tta(tta, tta_shift),
         )
     positive = sum(1 for r in result.series_rows if r.get("label_any", 0))
+    members = f" (ensemble of {len(model)})" if len(model) > 1 else ""
     typer.echo(
         f"{len(result.series_rows)} series, {len(result.slice_rows)} slices, "
-        f"{positive} positive; {result.seconds_per_study:.2f} s per study; "
+        f"{positive} positive{members}; {result.seconds_per_study:.2f} s per study; "
         f"{len(result.skipped)} file(s) skipped"
     )
-    written = [n for n in ("predictions.csv", "series.csv", "series.json") if (out / n).exists()]
+    _echo_tta({**result.info.get("tta", {}), **result.info.get("timing", {})})
+    for member in result.info.get("models", []):
+        for note in member.get("notes", []):
+            typer.echo(f"note: {member['path']}: {note}", err=True)
+    written = [
+        n
+        for n in ("predictions.csv", "series.csv", "series.json", "predict_info.json")
+        if (out / n).exists()
+    ]
     typer.echo("wrote " + ", ".join(str(out / n) for n in written))
     if result.partial:
         typer.echo(f"skipped files and reasons: {out / 'skipped.csv'}", err=True)

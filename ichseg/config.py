@@ -163,6 +163,9 @@ class TrainConfig(StrictModel):
 class EvalConfig(StrictModel):
     n_boot: int = Field(1000, ge=0)
     threshold_rule: Literal["youden", "f1"] = "youden"
+    # Probability calibration fitted on the validation split and applied to every output
+    # (evaluate, predict, bundle); thresholds are then chosen on calibrated probabilities.
+    calibration: Literal["none", "temperature", "isotonic"] = "temperature"
     # How slice probabilities become a series probability, in evaluation and in `predict`:
     # max, mean, or topK (mean of the K highest slices).
     aggregation: str = "max"
@@ -192,6 +195,36 @@ class EvalConfig(StrictModel):
             raise ValueError(str(error)) from None
 
 
+class SequenceConfig(StrictModel):
+    """A series-level sequence head over per-slice embeddings of a trained classifier.
+
+    The backbone (this config with the sequence disabled) embeds every slice once; a
+    bidirectional GRU or a 1D convolution runs over the slices of each series in position
+    order and predicts every slice, with the run's loss weights and split.
+    """
+
+    enabled: bool = False
+    kind: Literal["gru", "conv"] = "gru"
+    hidden: int = Field(128, ge=4)
+    layers: int = Field(1, ge=1, le=6)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    kernel_size: int = Field(3, ge=1)  # conv only; odd, so outputs stay aligned with slices
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(8, ge=1)  # series per batch
+    early_stopping_patience: int | None = Field(None, ge=1)
+    # A finished classifier run whose best.pt gives the embeddings (its config must equal this
+    # one with the sequence disabled); None trains the backbone into <run>/backbone/ first.
+    backbone_run: Path | None = None
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("must be odd (the output of slice z is centred on slice z)")
+        return value
+
+
 class RunConfig(StrictModel):
     name: str = "run"
     seed: int = 0
@@ -201,6 +234,13 @@ class RunConfig(StrictModel):
     masking: MaskingConfig = MaskingConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    sequence: SequenceConfig = SequenceConfig()
+
+    @model_validator(mode="after")
+    def _sequences_need_volumes(self) -> RunConfig:
+        if self.sequence.enabled and self.data.source == "images":
+            raise ValueError("sequence: a sequence head needs CT series; pictures have none")
+        return self
 
     @field_validator("name")
     @classmethod

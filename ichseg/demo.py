@@ -25,6 +25,7 @@ def run_demo(
     out_dir: str | Path,
     *,
     seeds: int = 3,
+    full: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
@@ -33,10 +34,12 @@ def run_demo(
     Args:
         out_dir: everything is written under this folder (phantoms, cache, runs, reports).
         seeds: seeds per rung of the ladder.
+        full: also rungs 05 (2.5D input) and 06 (sequence head over rung 05's embeddings);
+            takes longer than the default demo's budget.
         progress: progress bars and per-epoch lines.
         echo: where status lines go.
     """
-    from ichseg.engine.ablation import format_comparisons, format_table, run_ablation
+    from ichseg.engine.ablation import FULL_LADDER, format_comparisons, format_table, run_ablation
     from ichseg.phantom import PhantomConfig, generate_study, write_dataset
     from ichseg.segmentation.training import train_segmenter
     from ichseg.segmentation.unet import SegmenterConfig
@@ -65,9 +68,10 @@ def run_demo(
         ]
         checkpoint = train_segmenter(studies, SegmenterConfig(), segmenter_dir, progress=progress)
 
-    echo(f"[3/4] ablation ladder, quick profile, {seeds} seed(s) per rung")
+    ladder = "full ablation ladder (01-06)" if full else "ablation ladder"
+    echo(f"[3/4] {ladder}, quick profile, {seeds} seed(s) per rung")
     result = run_ablation(
-        None,
+        list(FULL_LADDER) if full else None,
         out_dir / "ablation",
         seeds=seeds,
         profile="quick",

@@ -25,6 +25,13 @@ as a Secondary Capture in the source study.
 The classifier input comes from the run's own :class:`~ichseg.preprocess.pipeline.Preprocessor`
 (same windows, mask policy and segmenter as in training); the series probability is aggregated
 by the run's rule and compared with series thresholds chosen on validation series.
+
+The model may be a classifier run, a sequence run (its backbone embeds every kept slice of a
+volume and the sequence head scores the series in slice order), a bundle of either, or several
+of them (an ensemble: their calibrated probabilities are averaged and the spread of the series
+probability over the members is reported). Probabilities are calibrated with the run's
+``calibration.json``; with test-time augmentation (``tta``) they are averaged over flipped
+(and shifted) views. ``predict_info.json`` records the models, calibration, TTA and timings.
 """
 
 from __future__ import annotations
@@ -39,14 +46,19 @@ import numpy as np
 
 from ichseg.config import RunConfig
 from ichseg.engine.checkpoint import (
+    BACKBONE_DIR,
     BEST,
+    CALIBRATION_FILE,
     CLASSIFIER_FILE,
     SEGMENTER_FILE,
+    SEQUENCE_FILE,
     THRESHOLDS_FILE,
     Thresholds,
     load_classifier,
     load_thresholds,
+    serving_dir,
 )
+from ichseg.engine.predict import ForwardTimer, TestTimeAugmentation
 from ichseg.errors import InputError
 from ichseg.fileio import check_output_folder, new_figure, save_figure, write_csv, write_json
 from ichseg.volume import HEMORRHAGE_CODES, SUBTYPES, CTVolume
@@ -63,25 +75,49 @@ NEEDS_DICOM = "{what} not written: DICOM outputs need DICOM sources (masks are i
 
 @dataclass
 class ModelFiles:
-    """The files behind a run folder or an exported bundle."""
+    """The files behind a run folder or an exported bundle.
+
+    Attributes:
+        classifier: the classifier checkpoint (for sequence models: the backbone).
+        thresholds: ``thresholds.json`` of plain (non-TTA) outputs.
+        segmenter: the carried U-Net, when there is one.
+        sequence: the sequence head checkpoint of a sequence run or bundle, else None.
+        base: the folder holding thresholds and calibration (run folder or ``models/``).
+    """
 
     classifier: Path
     thresholds: Path
     segmenter: Path | None
+    sequence: Path | None = None
+    base: Path | None = None
     hemorrhage: Path | None = None
     bundle_root: Path | None = None
 
 
+def is_model_folder(path: Path) -> bool:
+    """Whether ``path`` is a training run folder or an ichseg bundle."""
+    return (path / BEST).is_file() or (path / "models" / CLASSIFIER_FILE).is_file()
+
+
 def resolve_model_files(model_path: Path) -> ModelFiles:
-    """Classifier, thresholds and carried segmenter of a run folder or a bundle."""
+    """Classifier, thresholds, carried segmenter (and sequence head) of a run or a bundle."""
     if not model_path.exists():
         raise InputError(model_path, "no such model folder")
-    if (model_path / BEST).exists():  # a training run folder
+    sequence = None
+    if (model_path / BACKBONE_DIR / BEST).exists():  # a sequence run folder
+        base = model_path
+        classifier = model_path / BACKBONE_DIR / BEST
+        sequence = model_path / BEST
+        if not sequence.is_file():
+            raise InputError(model_path, f"the sequence head is not trained yet ({BEST} missing)")
+    elif (model_path / BEST).exists():  # a training run folder
         base = model_path
         classifier = model_path / BEST
     elif (model_path / "models" / CLASSIFIER_FILE).exists():  # an exported bundle
         base = model_path / "models"
         classifier = base / CLASSIFIER_FILE
+        if (base / SEQUENCE_FILE).is_file():
+            sequence = base / SEQUENCE_FILE
     else:
         raise InputError(
             model_path,
@@ -93,9 +129,20 @@ def resolve_model_files(model_path: Path) -> ModelFiles:
         classifier,
         base / THRESHOLDS_FILE,
         segmenter if segmenter.is_file() else None,
-        hemorrhage if hemorrhage.is_file() else None,
-        model_path if base != model_path else None,
+        sequence=sequence,
+        base=base,
+        hemorrhage=hemorrhage if hemorrhage.is_file() else None,
+        bundle_root=model_path if base != model_path else None,
     )
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON-safe copy: infinite thresholds (no threshold could be chosen) become None."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 @dataclass
@@ -111,6 +158,14 @@ class Predictor:
             preprocessor's own when the model is masked, else a U-Net given or carried, else
             the classical method (it never changes the probabilities of an unmasked model).
         device: torch device.
+        head: the sequence head of a sequence model (``model`` is then its backbone), else
+            None.
+        calibration: the run's :class:`~ichseg.engine.calibrate.RunCalibration` (None: raw
+            probabilities).
+        tta: test-time augmentation of every forward pass, or None.
+        timer: forward seconds, plain and added by TTA, since the last reset.
+        source: the model folder it was loaded from.
+        notes: warnings about how it is served (recorded in ``predict_info.json``).
         hemorrhage: a hemorrhage U-Net (:class:`~ichseg.segmentation.unet.Segmenter`) for
             label maps and volumes, or None.
         files: the files the model was loaded from.
@@ -122,6 +177,12 @@ class Predictor:
     preprocessor: Any
     output_masker: Any
     device: Any
+    head: Any = None
+    calibration: Any = None
+    tta: TestTimeAugmentation | None = None
+    timer: ForwardTimer = field(default_factory=ForwardTimer)
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
     hemorrhage: Any = None
     files: ModelFiles | None = None
 
@@ -130,7 +191,7 @@ class Predictor:
         return self.config.task.class_names
 
     def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """``(N, K)`` probabilities of uint8 ``(N, C, S, S)`` model input."""
+        """``(N, K)`` uncalibrated classifier probabilities of uint8 ``(N, C, S, S)`` input."""
         from ichseg.engine.predict import predict_probabilities, uint8_batches
 
         if len(images) == 0:
@@ -141,35 +202,112 @@ class Predictor:
             self.device,
             self.config.train.amp,
             self.config.task.mode,
+            self.tta,
+            self.timer,
         )
+
+    def sequence_probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """``(N, K)`` uncalibrated sequence-head probabilities of one series' slices in order."""
+        from ichseg.engine.predict import predict_features, uint8_batches
+        from ichseg.engine.sequence import series_probabilities
+
+        features = predict_features(
+            self.model,
+            uint8_batches(images, batch_size),
+            self.device,
+            self.config.train.amp,
+            self.tta,
+            self.timer,
+        )
+        return series_probabilities(self.head, [features], self.config.task.mode, self.device)[0]
+
+    def calibrate(self, probabilities: np.ndarray) -> np.ndarray:
+        """Probabilities through the run's calibration (unchanged without one)."""
+        if self.calibration is None:
+            return probabilities
+        return self.calibration.apply(probabilities)
+
+    def score_volume(self, volume: CTVolume, batch_size: int = 32) -> VolumePrediction:
+        """:func:`predict_volume` with calibrated probabilities: what ``predict`` writes."""
+        prediction = predict_volume(self, volume, batch_size)
+        prediction.probabilities = self.calibrate(prediction.probabilities)
+        return prediction
+
+    def score_images(
+        self, images: np.ndarray, batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities of pictures, and no member spread (one model)."""
+        return self.calibrate(self.probabilities(images, batch_size)), None
+
+    def series_summary(self, prediction: VolumePrediction) -> tuple[np.ndarray, dict[str, Any]]:
+        """The series probability by the run's rule, and no extra columns (one model)."""
+        from ichseg.metrics.series import aggregate_probabilities
+
+        scored = prediction.probabilities[prediction.scored]
+        return aggregate_probabilities(scored, self.thresholds.aggregation), {}
+
+    def describe(self) -> dict[str, Any]:
+        """How this model is served, for ``predict_info.json``."""
+        return {
+            "path": self.source,
+            "kind": "sequence" if self.head is not None else "classifier",
+            "model": self.config.model.name
+            + (f" + {self.config.sequence.kind} sequence head" if self.head is not None else ""),
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "thresholds": _finite_or_none(self.thresholds.to_dict()),
+            "notes": list(self.notes),
+        }
 
 
 def load_predictor(
     model_path: str | Path,
     segmenter: str | Path | None = None,
     device: str | None = None,
+    tta: TestTimeAugmentation | None = None,
     hemorrhage_segmenter: str | Path | None = None,
 ) -> Predictor:
     """Load a run folder or exported bundle for inference.
 
     Args:
-        model_path: a training run folder or a bundle root.
+        model_path: a training run folder or a bundle root (classifier or sequence model).
         segmenter: a U-Net checkpoint to use instead of the one the model carries (for a
             U-Net-masked model this changes its input: use it knowingly).
         device: "cpu" or "cuda" (default: cuda when available).
+        tta: test-time augmentation; the thresholds and calibration fitted with the same TTA
+            (``tta-<name>/``, written by ``evaluate --tta``) are used when the model has them,
+            else the plain ones (with a note).
         hemorrhage_segmenter: a hemorrhage U-Net for label maps and volumes; default the one
             the run or bundle carries as ``hemorrhage_segmenter.pt``, if any.
 
     Raises:
-        InputError: a missing or damaged model, thresholds or segmenter; one line each.
+        InputError: a missing or damaged model, head, thresholds, calibration or segmenter.
     """
     import torch
 
+    from ichseg.engine.calibrate import serving_calibration
     from ichseg.preprocess.pipeline import Preprocessor
 
     files = resolve_model_files(Path(model_path))
     config, model, _ = load_classifier(files.classifier)
-    thresholds = load_thresholds(files.thresholds, config.task.class_names)
+    head, notes = None, []
+    if files.sequence is not None:
+        from ichseg.engine.sequence import check_backbone, load_sequence_head
+
+        config, head, record = load_sequence_head(files.sequence)
+        check_backbone(record, files.classifier, files.sequence)
+    names, mode = config.task.class_names, config.task.mode
+    base = files.base or files.thresholds.parent
+    folder = base
+    if tta is not None:
+        folder = serving_dir(base, tta.name)
+        if not (folder / THRESHOLDS_FILE).is_file():
+            notes.append(
+                f"no thresholds/calibration fitted with TTA {tta.name} (run `ichseg evaluate "
+                f"--split val --tta` for them); using those fitted without TTA"
+            )
+            folder = base
+    thresholds = load_thresholds(folder / THRESHOLDS_FILE, names)
+    calibration = serving_calibration(folder / CALIBRATION_FILE, thresholds, names, mode)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chosen_segmenter = segmenter or files.segmenter
     if config.masking.enabled and config.masking.method == "unet" and chosen_segmenter is None:
@@ -193,14 +331,31 @@ def load_predictor(
     from ichseg.segmentation.hemorrhage import load_hemorrhage_segmenter
 
     prepare_for_inference(model, dev)
+    if head is not None:
+        head.to(dev).eval()
     hemorrhage = load_hemorrhage_segmenter(hemorrhage_segmenter or files.hemorrhage, str(dev))
-    return Predictor(config, model, thresholds, preprocessor, output_masker, dev, hemorrhage, files)
+    return Predictor(
+        config,
+        model,
+        thresholds,
+        preprocessor,
+        output_masker,
+        dev,
+        hemorrhage=hemorrhage,
+        files=files,
+        head=head,
+        calibration=calibration,
+        tta=tta,
+        source=str(model_path),
+        notes=notes,
+    )
 
 
-def model_identity(predictor: Predictor) -> tuple[str, str]:
+def model_identity(predictor: Predictor | EnsemblePredictor) -> tuple[str, str]:
     """(name, version) of the classifier, as DICOM reports name the algorithm.
 
-    The name is ``ichseg <architecture> (<run name>)``; the version is the bundle's version
+    Ensembles are named by their first member (whose Grad-CAM and mask they write). The name
+    is ``ichseg <architecture> (<run name>)``; the version is the bundle's version
     for a bundle, else ichseg's version with the first 12 hex digits of the SHA-1 of the
     weights file, so two reports of the same version come from the same weights.
     """
@@ -237,26 +392,57 @@ class VolumePrediction:
         scored: bool ``(Z,)``, the slices that were scored.
         mask: uint8 ``(z, y, x)`` intracranial mask on the volume's grid.
         images: uint8 ``(Z, C, S, S)`` model input (for Grad-CAM).
+        members: ``(M, Z, K)`` each ensemble member's calibrated probabilities, else None.
     """
 
     probabilities: np.ndarray
     scored: np.ndarray
     mask: np.ndarray
     images: np.ndarray
+    members: np.ndarray | None = None
 
 
-def predict_volume(
-    predictor: Predictor, volume: CTVolume, batch_size: int = 32
-) -> VolumePrediction:
-    """Run the model on every in-scope slice of one volume."""
+def _model_input(predictor: Predictor, volume: CTVolume, shared: dict | None = None):
+    """Output mask and prepared input of a volume; ``shared`` reuses them across models with
+    the same preprocessing (ensemble members)."""
+    import json
+
+    key = json.dumps(predictor.preprocessor.describe(), sort_keys=True, default=str)
+    if shared is not None and key in shared:
+        return shared[key]
     mask = np.asarray(predictor.output_masker(volume), dtype=np.uint8)
     prepared = predictor.preprocessor(
         volume, mask=mask if predictor.preprocessor.masker is not None else None
     )
+    if shared is not None:
+        shared[key] = (mask, prepared)
+    return mask, prepared
+
+
+def predict_volume(
+    predictor: Predictor, volume: CTVolume, batch_size: int = 32, shared: dict | None = None
+) -> VolumePrediction:
+    """Run the model on every in-scope slice of one volume (uncalibrated probabilities).
+
+    A sequence model embeds the in-scope slices in volume order and its head scores them as
+    one series.
+
+    Args:
+        predictor: the loaded model.
+        volume: the CT.
+        batch_size: slices per forward pass.
+        shared: a dict reused across calls on the same volume (ensembles prepare the input of
+            members with the same preprocessing once).
+    """
+    mask, prepared = _model_input(predictor, volume, shared)
     images = prepared.images
     probabilities = np.full((volume.num_slices, len(predictor.class_names)), np.nan, np.float32)
-    probabilities[prepared.keep] = predictor.probabilities(images[prepared.keep], batch_size)
-    return VolumePrediction(probabilities, prepared.keep, mask, images)
+    keep = prepared.keep
+    if predictor.head is None:
+        probabilities[keep] = predictor.probabilities(images[keep], batch_size)
+    elif keep.any():
+        probabilities[keep] = predictor.sequence_probabilities(images[keep], batch_size)
+    return VolumePrediction(probabilities, keep, mask, images)
 
 
 @dataclass
@@ -266,6 +452,7 @@ class PredictResult:
     series_rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds_per_study: float = float("nan")
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def partial(self) -> bool:
@@ -332,7 +519,7 @@ class OutputOptions:
 
 
 def predict(
-    model_path: str | Path,
+    model_path: str | Path | list[str | Path] | tuple[str | Path, ...],
     input_path: str | Path,
     out_dir: str | Path,
     *,
@@ -341,24 +528,26 @@ def predict(
     batch_size: int = 32,
     segmenter: str | Path | None = None,
     progress: bool = True,
-    predictor: Predictor | None = None,
+    predictor: Predictor | EnsemblePredictor | None = None,
+    tta: TestTimeAugmentation | None = None,
     hemorrhage_segmenter: str | Path | None = None,
     output_format: str = "nifti",
     sr: bool = False,
     gradcam_format: str = "png",
 ) -> PredictResult:
-    """Run the model on every series/volume (or picture) under ``input_path``.
+    """Run the model (or an ensemble) on every series/volume (or picture) under ``input_path``.
 
     Args:
-        model_path: a training run folder or a bundle root.
+        model_path: a run folder or bundle, or several (an ensemble, see :func:`load_models`).
         input_path: DICOM folder tree and/or NIfTI files (or pictures for picture models).
-        out_dir: output folder; must not be inside the input.
-        gradcam: Grad-CAM overlays for positive series.
+        out_dir: output folder; must not be inside the input, nor be a model folder.
+        gradcam: Grad-CAM overlays for positive series (ensembles: of the first member).
         gradcam_slices: overlays per positive series.
         batch_size: slices per forward pass.
-        segmenter: intracranial U-Net to use instead of the one the model carries.
+        segmenter: a U-Net checkpoint to use instead of the carried one.
         progress: progress bar.
-        predictor: an already loaded predictor (then the model arguments are not read).
+        predictor: an already loaded model (the bundle passes its own).
+        tta: test-time augmentation (when the models are loaded here).
         hemorrhage_segmenter: hemorrhage U-Net for label maps and volumes (default: the one
             the run or bundle carries, if any).
         output_format: masks as ``"nifti"``, ``"dicom-seg"`` or ``"both"``.
@@ -366,7 +555,8 @@ def predict(
         gradcam_format: overlays as ``"png"``, ``"dicom"`` (Secondary Capture) or ``"both"``.
 
     Raises:
-        InputError: no model, no usable input at all, or the output inside the input.
+        InputError: no model, no usable input at all, the output inside the input, a model
+            folder given as input or output, or ensemble members that do not match.
         ConfigError: an unknown output format, or ``sr`` with a model of other labels.
     """
     from ichseg.errors import ConfigError
@@ -376,20 +566,32 @@ def predict(
     check_output_folder(out_dir, [input_path])
     if not input_path.exists():
         raise InputError(input_path, "no such file or folder")
-    predictor = predictor or load_predictor(
-        model_path, segmenter, hemorrhage_segmenter=hemorrhage_segmenter
+    for path, role in ((input_path, "INPUT"), (out_dir, "OUT")):
+        if path.is_dir() and is_model_folder(path):
+            raise InputError(
+                path,
+                f"is a model folder, not the {role}: the last two paths are INPUT and OUT "
+                "(models come first)",
+            )
+    paths = [model_path] if isinstance(model_path, str | Path) else list(model_path)
+    predictor = predictor or load_models(
+        paths, segmenter, tta=tta, hemorrhage_segmenter=hemorrhage_segmenter
     )
     if sr and list(predictor.class_names) != list(SUBTYPES):
         raise ConfigError(
             f"--sr reports the six labels {', '.join(SUBTYPES)}; this model predicts "
             f"{', '.join(predictor.class_names)}"
         )
+    predictor.timer = ForwardTimer()
+    started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     if predictor.preprocessor.source_kind == "images":
         result = _predict_pictures(predictor, input_path, out_dir, batch_size, progress)
     else:
         result = _predict_volumes(predictor, input_path, out_dir, options, batch_size, progress)
+    result.info = prediction_info(predictor, result, time.perf_counter() - started)
     _write_outputs(result, predictor.class_names)
+    write_json(out_dir / "predict_info.json", result.info)
     return result
 
 
@@ -461,6 +663,32 @@ def _write_report(
     )
 
 
+def prediction_info(
+    predictor: Predictor | EnsemblePredictor, result: PredictResult, seconds: float
+) -> dict[str, Any]:
+    """The record of a ``predict`` call: models, calibration, TTA, ensemble rule, timings."""
+    members = predictor.members if isinstance(predictor, EnsemblePredictor) else [predictor]
+    tta = predictor.tta
+    timing = {
+        "seconds_total": round(seconds, 3),
+        "seconds_per_study": (
+            round(result.seconds_per_study, 4) if np.isfinite(result.seconds_per_study) else None
+        ),
+        **predictor.timer.to_dict(),
+    }
+    info: dict[str, Any] = {
+        "models": [m.describe() for m in members],
+        "tta": tta.to_dict() if tta is not None else {"name": "none", "views": 1},
+        "timing": timing,
+        "series": len(result.series_rows),
+        "slices": len(result.slice_rows),
+        "skipped": len(result.skipped),
+    }
+    if isinstance(predictor, EnsemblePredictor):
+        info["ensemble"] = predictor.rules()
+    return info
+
+
 def _predict_volumes(
     predictor: Predictor,
     input_path: Path,
@@ -470,7 +698,6 @@ def _predict_volumes(
     progress: bool,
 ) -> PredictResult:
     from ichseg.io.loader import index_input, output_name
-    from ichseg.metrics.series import aggregate_probabilities
     from ichseg.progress import progress as progress_bar
     from ichseg.segmentation.hemorrhage import hemorrhage_volumes
 
@@ -490,7 +717,7 @@ def _predict_volumes(
         started = time.perf_counter()
         result.skipped += list(item.dropped)
         try:
-            prediction = predict_volume(predictor, item, batch_size)
+            prediction = predictor.score_volume(item, batch_size)
             # After the classifier, from the same mask: its probabilities cannot change.
             labels = (
                 None
@@ -537,7 +764,7 @@ def _predict_volumes(
         if len(scored) == 0:
             result.skipped.append((item.source, "no slice in the model's scope (slice filter)"))
             continue
-        series_prob = aggregate_probabilities(scored, thresholds.aggregation)
+        series_prob, spread = predictor.series_summary(prediction)
         labels_row = _labels(series_prob, names, thresholds.series)
         volumes = {} if labels is None else hemorrhage_volumes(labels, item)
         row = {
@@ -549,6 +776,7 @@ def _predict_volumes(
             "scored_slices": int(prediction.scored.sum()),
             **{n: round(float(p), 6) for n, p in zip(names, series_prob, strict=True)},
             **labels_row,
+            **spread,
             **volumes,
             **written,
             "flags": flags,
@@ -612,14 +840,16 @@ def _predict_pictures(
     if not good:
         reasons = "; ".join(f"{p}: {r}" for p, r in result.skipped[:3])
         raise InputError(input_path, f"no image could be processed ({reasons})")
-    probabilities = predictor.probabilities(np.stack(images), batch_size)
+    probabilities, spread = predictor.score_images(np.stack(images), batch_size)
     names = predictor.class_names
-    for path, p in zip(good, probabilities, strict=True):
+    for i, (path, p) in enumerate(zip(good, probabilities, strict=True)):
+        sd = [] if spread is None else zip(names, spread[i], strict=True)
         result.slice_rows.append(
             {
                 "source": str(path),
                 **{n: round(float(v), 6) for n, v in zip(names, p, strict=True)},
                 **_labels(p, names, predictor.thresholds.slice),
+                **{f"sd_{n}": round(float(v), 6) for n, v in sd},
             }
         )
     result.seconds_per_study = (time.perf_counter() - started) / len(good)
@@ -779,3 +1009,199 @@ def _write_outputs(result: PredictResult, names: list[str]) -> None:
         [{"path": p, "reason": r} for p, r in result.skipped],
         ["path", "reason"],
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles of runs (seeds, folds): averaged calibrated probabilities and their spread
+
+
+def _mean_thresholds(members: list[Predictor], level: str) -> dict[str, float]:
+    out = {}
+    for name in members[0].class_names:
+        values = [getattr(m.thresholds, level)[name] for m in members]
+        finite = [v for v in values if np.isfinite(v)]
+        out[name] = float(np.mean(finite)) if finite else float("inf")
+    return out
+
+
+@dataclass
+class EnsemblePredictor:
+    """Several models predicting the same classes, served as one.
+
+    Slice probabilities are the mean of the members' calibrated slice probabilities; the series
+    probability is the mean of the members' series probabilities (each aggregated by the shared
+    rule from its own calibrated slices), and ``sd_<class>`` is their sample standard deviation
+    over the members: an uncertainty per series. Thresholds are the mean of the members' own
+    validation thresholds (on calibrated probabilities), not chosen on the ensemble's validation
+    output. Grad-CAM, the written mask and the model input shown come from the first member.
+
+    Attributes:
+        members: the loaded models, in the order given.
+        thresholds: averaged slice and series thresholds.
+    """
+
+    members: list[Predictor]
+    thresholds: Thresholds
+
+    @property
+    def config(self) -> RunConfig:
+        return self.members[0].config
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.members[0].class_names
+
+    @property
+    def model(self) -> Any:
+        return self.members[0].model
+
+    @property
+    def device(self) -> Any:
+        return self.members[0].device
+
+    @property
+    def preprocessor(self) -> Any:
+        return self.members[0].preprocessor
+
+    @property
+    def output_masker(self) -> Any:
+        return self.members[0].output_masker
+
+    @property
+    def hemorrhage(self) -> Any:
+        return self.members[0].hemorrhage
+
+    @property
+    def files(self) -> ModelFiles | None:
+        return self.members[0].files
+
+    @property
+    def tta(self) -> TestTimeAugmentation | None:
+        return self.members[0].tta
+
+    @property
+    def timer(self) -> ForwardTimer:
+        total = ForwardTimer()
+        for member in self.members:
+            total.plain_s += member.timer.plain_s
+            total.extra_s += member.timer.extra_s
+            total.views = max(total.views, member.timer.views)
+        return total
+
+    @timer.setter
+    def timer(self, value: ForwardTimer) -> None:
+        for member in self.members:
+            member.timer = ForwardTimer(views=value.views)
+
+    def score_volume(self, volume: CTVolume, batch_size: int = 32) -> VolumePrediction:
+        """Every member on the volume (input prepared once per preprocessing), averaged."""
+        shared: dict = {}
+        first = None
+        probabilities = []
+        for member in self.members:
+            prediction = predict_volume(member, volume, batch_size, shared)
+            first = first or prediction
+            probabilities.append(member.calibrate(prediction.probabilities))
+        stacked = np.stack(probabilities)
+        return VolumePrediction(
+            stacked.mean(axis=0), first.scored, first.mask, first.images, members=stacked
+        )
+
+    def score_images(
+        self, images: np.ndarray, batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean calibrated probabilities of pictures and their standard deviation over members."""
+        stacked = np.stack([m.score_images(images, batch_size)[0] for m in self.members])
+        return stacked.mean(axis=0), stacked.std(axis=0, ddof=1)
+
+    def series_summary(self, prediction: VolumePrediction) -> tuple[np.ndarray, dict[str, Any]]:
+        """Mean of the members' series probabilities and their sample standard deviation."""
+        from ichseg.metrics.series import aggregate_probabilities
+
+        per_member = np.stack(
+            [
+                aggregate_probabilities(p[prediction.scored], self.thresholds.aggregation)
+                for p in prediction.members
+            ]
+        )
+        spread = per_member.std(axis=0, ddof=1)
+        columns = {
+            f"sd_{n}": round(float(v), 6) for n, v in zip(self.class_names, spread, strict=True)
+        }
+        return per_member.mean(axis=0), {"members": len(self.members), **columns}
+
+    def rules(self) -> dict[str, Any]:
+        """How the members are combined, for ``predict_info.json``."""
+        return {
+            "members": len(self.members),
+            "slice_probability": "mean of the members' calibrated slice probabilities",
+            "series_probability": (
+                f"mean of the members' series probabilities ({self.thresholds.aggregation} "
+                "over each member's calibrated slices)"
+            ),
+            "uncertainty": "sd_<class>: sample standard deviation of the members' series "
+            "probabilities",
+            "thresholds": "mean of the members' validation thresholds (not chosen on the "
+            "ensemble's own validation output)",
+            "gradcam": "first member",
+        }
+
+
+def make_ensemble(members: list[Predictor]) -> EnsemblePredictor:
+    """Check that the members predict the same thing and combine them.
+
+    Raises:
+        InputError: a member with other class names, task, input kind or series rule.
+    """
+    first = members[0]
+    for member in members[1:]:
+        for what, mine, theirs in (
+            ("class names", member.class_names, first.class_names),
+            ("task", member.config.task.mode, first.config.task.mode),
+            ("input kind", member.preprocessor.source_kind, first.preprocessor.source_kind),
+            ("series aggregation", member.thresholds.aggregation, first.thresholds.aggregation),
+        ):
+            if mine != theirs:
+                raise InputError(
+                    member.source,
+                    f"cannot join the ensemble: its {what} {mine} differ from those of "
+                    f"{first.source} ({theirs}); all members must predict the same classes "
+                    "the same way",
+                )
+    thresholds = Thresholds(
+        _mean_thresholds(members, "slice"),
+        _mean_thresholds(members, "series"),
+        first.thresholds.aggregation,
+        first.thresholds.rule,
+        "+".join(sorted({m.thresholds.calibration for m in members})),
+    )
+    return EnsemblePredictor(members, thresholds)
+
+
+def load_models(
+    model_paths: list[str | Path],
+    segmenter: str | Path | None = None,
+    device: str | None = None,
+    tta: TestTimeAugmentation | None = None,
+    hemorrhage_segmenter: str | Path | None = None,
+) -> Predictor | EnsemblePredictor:
+    """One model, or several as an :class:`EnsemblePredictor`.
+
+    Args:
+        model_paths: run folders and/or bundles (at least one).
+        segmenter: a U-Net checkpoint to use instead of each model's own.
+        device: "cpu" or "cuda".
+        tta: test-time augmentation for every member.
+        hemorrhage_segmenter: a hemorrhage U-Net instead of the one the (first) model carries;
+            an ensemble's label maps and volumes come from its first member.
+
+    Raises:
+        InputError: no model, a bad model, or members that do not match.
+    """
+    if not model_paths:
+        raise InputError(None, "no model given")
+    members = [
+        load_predictor(p, segmenter, device, tta, hemorrhage_segmenter if i == 0 else None)
+        for i, p in enumerate(model_paths)
+    ]
+    return members[0] if len(members) == 1 else make_ensemble(members)

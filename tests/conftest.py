@@ -31,6 +31,17 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def nifti_ct_dir(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The phantom's CT volumes alone (``*_ct.nii.gz``), without its label maps."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("nifti_ct")
+    for path in sorted((phantom_dir / "nifti").glob("*_ct.nii.gz")):
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained and evaluated tiny run folder (best.pt, thresholds.json, config.yaml, eval/)."""
     from ichseg.config import load_config
@@ -95,3 +106,27 @@ def hemorrhage_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     study = generate_study(HEMORRHAGE_SEED, PhantomConfig(**HEMORRHAGE_STUDY))
     run_dir = tmp_path_factory.mktemp("hemorrhage_unet")
     return train_segmenter([study], tiny_hemorrhage_config(), run_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def sequence_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sequence run (GRU head, 2 epochs) over the tiny run's embeddings, trained and evaluated."""
+    from ichseg.config import load_config
+    from ichseg.engine.train import train
+
+    config = load_config(
+        trained_run / "config.yaml",
+        extra={
+            "name": "tiny_sequence",
+            "sequence": {
+                "enabled": True,
+                "epochs": 2,
+                "hidden": 16,
+                "batch_size": 2,
+                "backbone_run": str(trained_run),
+            },
+        },
+    )
+    run_dir = tmp_path_factory.mktemp("sequence") / "run"
+    train(config, run_dir, progress=False)
+    return run_dir

@@ -9,6 +9,10 @@ and, per rung, its difference from the previous rung on the same patients: a pai
 patient-and-seed bootstrap of the difference and DeLong's test on series (one case per series,
 seed-averaged probabilities). Validation figures (used for early stopping) are listed
 separately and labelled as such.
+
+A sequence rung (``sequence.enabled``, rung 06) embeds slices with a classifier: seed ``s``
+reuses the finished run of seed ``s`` of an earlier rung whose config is exactly its backbone
+config (rung 05), and otherwise trains its own backbone inside its run folder.
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ from ichseg.config import (
     parse_override,
     validate_config,
 )
-from ichseg.engine.checkpoint import CONFIG_FILE, EVAL_DIR, HISTORY_JSONL, SPLITS_FILE
+from ichseg.engine.checkpoint import (
+    BACKBONE_DIR,
+    CONFIG_FILE,
+    EVAL_DIR,
+    HISTORY_JSONL,
+    SPLITS_FILE,
+)
 from ichseg.errors import ConfigError, InputError
 from ichseg.fileio import new_figure, save_figure, write_csv, write_json, write_text
 from ichseg.metrics import nanmean
@@ -48,6 +58,13 @@ LADDER = (
     "ablation/03_seresnet50.yaml",
     "ablation/04_seresnet50_unet.yaml",
 )
+SEQUENCE_RUNGS = (
+    "ablation/05_seresnet50_unet_2p5d.yaml",
+    "ablation/06_seresnet50_unet_2p5d_sequence.yaml",
+)
+"""Rung 05: rung 04 with neighbour slices as channels; rung 06: a sequence head over rung 05's
+slice embeddings. Not in :data:`LADDER` (the default demo's time budget); ``--full`` adds them."""
+FULL_LADDER = LADDER + SEQUENCE_RUNGS
 PROFILES = ("quick",)
 
 
@@ -132,6 +149,7 @@ def run_ablation(
         preprocessor = Preprocessor.from_config(rung, segmenter)
         for seed_index in range(seeds):
             config = rung.model_copy(update={"seed": rung.seed + seed_index}, deep=True)
+            config = reuse_backbone(config, runs)
             run_dir = out_dir / config.name / f"seed{config.seed}"
             if not _finished(run_dir, config):
                 if shared_split is not None and not (run_dir / SPLITS_FILE).exists():
@@ -140,7 +158,8 @@ def run_ablation(
                 train(
                     config,
                     run_dir,
-                    resume=(run_dir / "last.pt").exists(),
+                    resume=(run_dir / "last.pt").exists()
+                    or (run_dir / BACKBONE_DIR / "last.pt").exists(),
                     preprocessor=preprocessor,
                     cache_root=cache_root,
                     progress=progress,
@@ -159,6 +178,30 @@ def run_ablation(
         _plot(report, out_dir / "ablation.png"),
         write_json(out_dir / "ablation.json", report),
     )
+
+
+def reuse_backbone(config: RunConfig, runs: list[dict[str, Any]]) -> RunConfig:
+    """A sequence rung's config with ``backbone_run`` set to an earlier rung's run of the same
+    seed whose config is the backbone this rung needs (else unchanged: it trains its own).
+
+    Args:
+        config: the rung config of one seed.
+        runs: the runs made so far (``rung``, ``seed``, ``dir``, ``config``).
+    """
+    from ichseg.engine.sequence import backbone_differences
+
+    if not config.sequence.enabled or config.sequence.backbone_run is not None:
+        return config
+    for run in runs:
+        candidate = run["config"]
+        if (
+            run["seed"] == config.seed
+            and not candidate.sequence.enabled
+            and not backbone_differences(candidate, config)
+        ):
+            sequence = config.sequence.model_copy(update={"backbone_run": Path(run["dir"])})
+            return config.model_copy(update={"sequence": sequence}, deep=True)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +279,8 @@ def _collect(runs: list[dict[str, Any]]) -> list[RungPredictions]:
         rungs.append(
             RungPredictions(
                 rung=name,
-                model=first.model.name,
+                model=first.model.name
+                + (f"+{first.sequence.kind}" if first.sequence.enabled else ""),
                 masked=first.masking.enabled,
                 seeds=[m["seed"] for m in members],
                 keys=keys,

@@ -30,6 +30,25 @@ HISTORY_CSV = "metrics.csv"
 HISTORY_JSONL = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 EVAL_DIR = "eval"
+BACKBONE_DIR = "backbone"
+"""Sequence runs: the folder of the classifier whose slice embeddings the head reads."""
+SEQUENCE_FILE = "sequence.pt"
+"""Bundles of sequence runs: the head's checkpoint beside ``classifier.pt`` (the backbone)."""
+TTA_DIR_PREFIX = "tta-"
+
+
+def serving_dir(base: str | Path, tta_name: str | None = None) -> Path:
+    """Where a run (or bundle ``models/``) keeps thresholds and calibration for a TTA.
+
+    Plain outputs use the run folder itself; ``evaluate --tta`` fits its own thresholds and
+    calibration on TTA-averaged validation probabilities and keeps them in ``tta-<name>/``.
+
+    Args:
+        base: the run folder or the bundle's ``models`` folder.
+        tta_name: :attr:`~ichseg.engine.predict.TestTimeAugmentation.name`, or None.
+    """
+    base = Path(base)
+    return base if tta_name in (None, "none") else base / f"{TTA_DIR_PREFIX}{tta_name}"
 
 
 def _first_line(error: BaseException) -> str:
@@ -182,12 +201,19 @@ class Thresholds:
             ``aggregation``), chosen on validation series, not copied from slices.
         aggregation: the series rule the series thresholds were chosen for.
         rule: how they were chosen (``youden`` or ``f1``).
+        calibration: the calibration method applied to the validation probabilities they were
+            chosen on (``none``: the raw model output); thresholds apply to probabilities
+            calibrated the same way.
+        calibrator: that calibration's parameters (``Calibrator.to_dict``), kept with the
+            thresholds so they are never applied on another probability scale.
     """
 
     slice: dict[str, float]
     series: dict[str, float]
     aggregation: str = "max"
     rule: str = "youden"
+    calibration: str = "none"
+    calibrator: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -196,6 +222,13 @@ class Thresholds:
             "aggregation": self.aggregation,
             "rule": self.rule,
             "chosen_on": "validation split",
+            "probabilities": (
+                "uncalibrated"
+                if self.calibration == "none"
+                else f"calibrated ({self.calibration}, calibration.json)"
+            ),
+            "calibration": self.calibration,
+            **({"calibrator": self.calibrator} if self.calibrator is not None else {}),
         }
 
 
@@ -241,4 +274,6 @@ def load_thresholds(path: str | Path, class_names: list[str]) -> Thresholds:
         parsed["series"],
         str(data.get("aggregation", "max")),
         str(data.get("rule", "youden")),
+        str(data.get("calibration", "none")),
+        data.get("calibrator") if isinstance(data.get("calibrator"), dict) else None,
     )

@@ -7,11 +7,20 @@ validation split and written to ``thresholds.json``; the evaluated split's figur
 ``eval/<split>/``, so a validation report never overwrites the test report. The report ends
 with a subgroup analysis (age band, sex, scanner, kernel, slice thickness) read from the scan
 attributes the slice cache keeps.
+
+Calibration (``eval.calibration``) is fitted on the validation probabilities and saved as
+``calibration.json``; thresholds are chosen on the calibrated validation probabilities, and the
+report shows Brier score, expected calibration error and reliability diagrams before and after.
+With test-time augmentation (``tta``) the probabilities are averaged over the views, the
+thresholds and calibration fitted on them go to ``tta-<name>/`` and the report to
+``eval/<split>_<name>/``, so the plain run's files are never replaced by TTA ones.
 """
 
 from __future__ import annotations
 
 import csv
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +30,7 @@ from ichseg.config import RunConfig
 from ichseg.engine.cache import SliceSet, build_slices
 from ichseg.engine.checkpoint import (
     BEST,
+    CALIBRATION_FILE,
     EVAL_DIR,
     SEGMENTER_FILE,
     SPLITS_FILE,
@@ -28,7 +38,9 @@ from ichseg.engine.checkpoint import (
     Thresholds,
     load_classifier,
     save_thresholds,
+    serving_dir,
 )
+from ichseg.engine.predict import ForwardTimer, TestTimeAugmentation
 from ichseg.engine.splits import load_splits
 from ichseg.errors import InputError
 from ichseg.fileio import atomic_path
@@ -61,8 +73,15 @@ def split_rows(run_dir: Path, slices: SliceSet) -> dict[str, np.ndarray]:
     return {name: usable[idx] for name, idx in rows.items()}
 
 
-def predict_rows(model, slices: SliceSet, rows: np.ndarray, config: RunConfig) -> np.ndarray:
-    """Probabilities of cache rows through the shared forward path."""
+def predict_rows(
+    model,
+    slices: SliceSet,
+    rows: np.ndarray,
+    config: RunConfig,
+    tta: TestTimeAugmentation | None = None,
+    timer: ForwardTimer | None = None,
+) -> np.ndarray:
+    """Probabilities of cache rows through the shared forward path (TTA-averaged with ``tta``)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -73,13 +92,59 @@ def predict_rows(model, slices: SliceSet, rows: np.ndarray, config: RunConfig) -
     model.to(device, memory_format=torch.channels_last)
     dummy = np.zeros(len(slices), dtype=np.float32)
     loader = DataLoader(SliceDataset(slices, rows, dummy), batch_size=64)
-    return predict_probabilities(model, loader, device, config.train.amp, config.task.mode)
+    return predict_probabilities(
+        model, loader, device, config.train.amp, config.task.mode, tta, timer
+    )
+
+
+@dataclass
+class ClassifierScorer:
+    """Probabilities of slice-cache rows from a classifier run's best checkpoint."""
+
+    config: RunConfig
+    model: Any
+
+    def probabilities(
+        self,
+        slices: SliceSet,
+        rows: np.ndarray,
+        tta: TestTimeAugmentation | None = None,
+        timer: ForwardTimer | None = None,
+    ) -> np.ndarray:
+        return predict_rows(self.model, slices, rows, self.config, tta, timer)
+
+
+def load_scorer(run_dir: str | Path):
+    """A classifier or sequence run folder as something that scores slice-cache rows."""
+    from ichseg.engine.sequence import is_sequence_run, load_sequence_run
+
+    if is_sequence_run(run_dir):
+        return load_sequence_run(run_dir)
+    return ClassifierScorer(*load_run(run_dir))
+
+
+def eval_folder(split: str, tta: TestTimeAugmentation | None) -> str:
+    """``<split>`` or ``<split>_<tta name>``: the report folder under ``eval/``."""
+    return split if tta is None else f"{split}_{tta.name}"
 
 
 def choose_run_thresholds(
-    config: RunConfig, slices: SliceSet, rows: np.ndarray, prob: np.ndarray
+    config: RunConfig,
+    slices: SliceSet,
+    rows: np.ndarray,
+    prob: np.ndarray,
+    calibration: str = "none",
 ) -> Thresholds:
-    """Slice and series thresholds chosen on validation rows (NaN where no rule applies)."""
+    """Slice and series thresholds chosen on validation rows (NaN where no rule applies).
+
+    Args:
+        config: the run config (rule, aggregation, classes).
+        slices: the slice cache.
+        rows: validation rows.
+        prob: their probabilities, calibrated when the run calibrates (the thresholds then
+            apply to calibrated probabilities).
+        calibration: the method ``prob`` was calibrated with, recorded in the thresholds.
+    """
     from ichseg.metrics import aggregate_by_series, choose_thresholds
 
     names = config.task.class_names
@@ -98,7 +163,7 @@ def choose_run_thresholds(
     def as_dict(values: np.ndarray) -> dict[str, float | None]:
         return {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, values, strict=True)}
 
-    return Thresholds(as_dict(slice_thr), as_dict(series_thr), aggregation, rule)
+    return Thresholds(as_dict(slice_thr), as_dict(series_thr), aggregation, rule, calibration)
 
 
 def evaluate_run(
@@ -110,6 +175,7 @@ def evaluate_run(
     segmenter: str | Path | None = None,
     cache_root: Path | None = None,
     progress: bool = True,
+    tta: TestTimeAugmentation | None = None,
 ) -> dict[str, Any]:
     """Metrics of the run's best checkpoint on ``split``, written to ``run_dir/eval/<split>``.
 
@@ -121,13 +187,16 @@ def evaluate_run(
         segmenter: another U-Net checkpoint than the run's own (changes the input; recorded).
         cache_root: where the slice cache lives.
         progress: progress output while caching.
+        tta: average the probabilities (sequence runs: the embeddings) over these views.
     """
+    from ichseg.engine.calibrate import calibration_summary
     from ichseg.engine.report import write_report, write_subgroups
 
     if split not in EVAL_SPLITS:
         raise InputError(None, f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
     run_dir = Path(run_dir)
-    config, model = load_run(run_dir)
+    scorer = load_scorer(run_dir)
+    config = scorer.config
     preprocessor = preprocessor or run_preprocessor(run_dir, config, segmenter)
     slices = (
         slices if slices is not None else build_slices(config, preprocessor, cache_root, progress)
@@ -136,35 +205,123 @@ def evaluate_run(
     if len(rows[split]) == 0:
         raise InputError(run_dir, f"the {split} split is empty")
     names = config.task.class_names
-    val_prob = predict_rows(model, slices, rows["val"], config)
-    prob = val_prob if split == "val" else predict_rows(model, slices, rows[split], config)
+    timer, started = ForwardTimer(), time.perf_counter()
+    val_raw = scorer.probabilities(slices, rows["val"], tta, timer)
+    raw = val_raw if split == "val" else scorer.probabilities(slices, rows[split], tta, timer)
+    seconds = time.perf_counter() - started
     idx = rows[split]
-    metrics, truth, thresholds = score_rows(config, slices, rows["val"], val_prob, idx, prob)
+    calibration, val_prob, prob = _calibrate(
+        run_dir, config, slices, rows["val"], val_raw, raw, tta
+    )
+    metrics, truth, thresholds = score_rows(
+        config, slices, rows["val"], val_prob, idx, prob, calibration.method
+    )
     if thresholds is not None:
-        save_thresholds(thresholds, run_dir / THRESHOLDS_FILE)
+        thresholds.calibrator = calibration.calibrator.to_dict()
+        save_thresholds(thresholds, serving_dir(run_dir, tta and tta.name) / THRESHOLDS_FILE)
     metrics["split"] = split
     metrics["scored_on"] = (
         "test split (held out; scored once)"
         if split == "test"
         else ("validation split (used to choose thresholds and for early stopping: optimistic)")
     )
-    out = run_dir / EVAL_DIR / split
+    series = slices.series[idx]
+    evidence = _evidence(config, slices, truth, raw, prob, series)
+    metrics["calibration"] = calibration_summary(calibration, evidence)
+    metrics["tta"] = _tta_record(tta, timer, seconds)
+    out = run_dir / EVAL_DIR / eval_folder(split, tta)
     sections = []
     if config.eval.subgroups:
         result = split_subgroups(config, slices, idx, truth, prob, thresholds)
         sections.append(write_subgroups(result, out)[1])
     write_report(
-        metrics,
-        out,
-        truth,
-        prob,
-        names,
-        config.task.mode,
-        series_ids=slices.series[idx],
-        sections=sections,
+        metrics, out, truth, prob, names, config.task.mode, series_ids=series, sections=sections
     )
     write_predictions(out / "predictions.csv", slices, idx, prob, names)
+    _write_extras(out, metrics, evidence)
     return metrics
+
+
+def _calibrate(
+    run_dir: Path,
+    config: RunConfig,
+    slices: SliceSet,
+    val_rows: np.ndarray,
+    val_raw: np.ndarray,
+    raw: np.ndarray,
+    tta: TestTimeAugmentation | None,
+):
+    """Fit calibration on validation, save it, and return it with the calibrated probabilities."""
+    from ichseg.engine.calibrate import fit_run_calibration, save_calibration
+
+    labels = (
+        slices.labels[val_rows]
+        if config.task.mode == "multilabel"
+        else slices.targets(config.task)[val_rows]
+    )
+    calibration = fit_run_calibration(
+        config,
+        labels,
+        val_raw,
+        slices.series[val_rows],
+        slices.label_level,
+        tta.name if tta is not None else "none",
+    )
+    save_calibration(calibration, serving_dir(run_dir, tta and tta.name) / CALIBRATION_FILE)
+    return calibration, calibration.apply(val_raw), calibration.apply(raw)
+
+
+def _evidence(config, slices, truth, raw, prob, series):
+    from ichseg.engine.calibrate import CalibrationEvidence
+
+    return CalibrationEvidence(
+        truth,
+        raw,
+        prob,
+        series,
+        config.task.class_names,
+        config.task.mode,
+        config.eval.aggregation,
+        slices.label_level,
+    )
+
+
+def _tta_record(
+    tta: TestTimeAugmentation | None, timer: ForwardTimer, seconds: float
+) -> dict[str, Any]:
+    return {
+        **(tta.to_dict() if tta is not None else {"name": "none", "views": 1}),
+        **timer.to_dict(),
+        "scoring_s": round(seconds, 3),
+    }
+
+
+def _write_extras(out: Path, metrics: dict[str, Any], evidence) -> None:
+    """Reliability diagrams, and the calibration and TTA sections appended to report.md."""
+    from ichseg.engine.calibrate import calibration_markdown, write_reliability
+    from ichseg.fileio import write_text
+
+    names = evidence.names
+    write_reliability(out, evidence)
+    tta = metrics["tta"]
+    if tta["name"] == "none":
+        tta_text = "Test-time augmentation: none.\n"
+    else:
+        tta_text = (
+            f"Test-time augmentation: {tta['name']} ({tta['views']} views averaged). Forward "
+            f"passes: {tta['forward_plain_s']:.2f} s plain + {tta['forward_tta_added_s']:.2f} s "
+            "added by TTA (0 when the embeddings came from the cache).\n"
+        )
+    report = out / "report.md"
+    text = report.read_text() if report.is_file() else ""
+    write_text(
+        report,
+        text.rstrip("\n")
+        + "\n\n"
+        + calibration_markdown(metrics["calibration"], names)
+        + "\n## Test-time augmentation\n\n"
+        + tta_text,
+    )
 
 
 def score_rows(
@@ -174,6 +331,7 @@ def score_rows(
     val_prob: np.ndarray,
     rows: np.ndarray,
     prob: np.ndarray,
+    calibration: str = "none",
 ) -> tuple[dict[str, Any], np.ndarray, Thresholds | None]:
     """The ladder's metrics of ``rows``, with thresholds chosen on the validation rows.
 
@@ -184,6 +342,8 @@ def score_rows(
         val_prob: see ``val_rows``.
         rows: the scored rows and ``prob`` their probabilities.
         prob: see ``rows``.
+        calibration: the method ``val_prob`` and ``prob`` were calibrated with (recorded in
+            the thresholds).
 
     Returns:
         The metrics, the truth of ``rows`` (labels or classes) and the thresholds (None for
@@ -198,7 +358,7 @@ def score_rows(
         truth = slices.targets(config.task)[rows]
         metrics = evaluate_multiclass(truth, prob, names, groups=groups, n_boot=n_boot, seed=seed)
         return metrics, truth, None
-    thresholds = choose_run_thresholds(config, slices, val_rows, val_prob)
+    thresholds = choose_run_thresholds(config, slices, val_rows, val_prob, calibration)
     metrics = evaluate_multilabel(
         slices.labels[rows],
         prob,

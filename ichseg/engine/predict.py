@@ -6,15 +6,164 @@ bf16 autocast covers the backbone where bf16 is native (CUDA, CPUs with AVX-512 
 fp32 (see ``ClassifierModel.forward``), so logits are fp32. On a CPU without bf16 instructions
 autocast would emulate bf16 (measured 5x slower than fp32 for SE-ResNet50 on an AVX2-only
 AMD EPYC), so inference there runs in fp32.
+
+Test-time augmentation (:class:`TestTimeAugmentation`) lives here too, so evaluation and
+prediction average the same views the same way: probabilities for a classifier
+(:func:`predict_probabilities`), pooled backbone features for a sequence head
+(:func:`predict_features`). A :class:`ForwardTimer` splits the forward time into the plain view
+and the extra views, which is the runtime TTA adds.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class TestTimeAugmentation:
+    """Views of each input averaged at test time.
+
+    Attributes:
+        flip: add the horizontal (left-right) mirror image.
+        shift: when positive, add four copies shifted by ``shift`` pixels up, down, left and
+            right (zero fill; no wrap-around).
+    """
+
+    __test__ = False  # not a pytest test class despite its name
+
+    flip: bool = True
+    shift: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shift < 0:
+            raise ValueError(f"TTA shift must be >= 0 pixels, got {self.shift}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip or self.shift > 0
+
+    @property
+    def name(self) -> str:
+        """``none``, ``flip``, ``shift4``, ``flip-shift4``: names the files fitted with it."""
+        parts = (["flip"] if self.flip else []) + ([f"shift{self.shift}"] if self.shift else [])
+        return "-".join(parts) or "none"
+
+    def views(self) -> list[tuple[bool, int, int]]:
+        """``(flip, dy, dx)`` of every view, the identity first."""
+        views = [(False, 0, 0)]
+        if self.flip:
+            views.append((True, 0, 0))
+        if self.shift:
+            s = self.shift
+            views += [(False, -s, 0), (False, s, 0), (False, 0, -s), (False, 0, s)]
+        return views
+
+    def to_dict(self) -> dict[str, Any]:
+        views = len(self.views())
+        return {"name": self.name, "flip": self.flip, "shift": self.shift, "views": views}
+
+
+def make_tta(flip: bool = False, shift: int = 0) -> TestTimeAugmentation | None:
+    """The TTA for command-line switches, or None when both are off."""
+    tta = TestTimeAugmentation(flip=flip, shift=shift)
+    return tta if tta.enabled else None
+
+
+def shift_images(images: Any, dy: int, dx: int) -> Any:
+    """``(B, C, H, W)`` images moved by ``dy`` rows and ``dx`` columns, zero filled."""
+    import torch
+
+    out = torch.zeros_like(images)
+    h, w = images.shape[-2:]
+    if abs(dy) >= h or abs(dx) >= w:
+        return out
+    src_y = slice(max(0, -dy), h - max(0, dy))
+    dst_y = slice(max(0, dy), h - max(0, -dy))
+    src_x = slice(max(0, -dx), w - max(0, dx))
+    dst_x = slice(max(0, dx), w - max(0, -dx))
+    out[..., dst_y, dst_x] = images[..., src_y, src_x]
+    return out
+
+
+def view_of(images: Any, view: tuple[bool, int, int]) -> Any:
+    """One TTA view of a batch (see :meth:`TestTimeAugmentation.views`)."""
+    flip, dy, dx = view
+    if flip:
+        images = images.flip(-1)
+    if dy or dx:
+        images = shift_images(images, dy, dx)
+    return images
+
+
+@dataclass
+class ForwardTimer:
+    """Seconds spent in forward passes: the plain view, and the views TTA adds."""
+
+    plain_s: float = 0.0
+    extra_s: float = 0.0
+    views: int = 1
+
+    @property
+    def added_fraction(self) -> float:
+        """Extra time over the plain forward passes (0.5 = 50 % slower)."""
+        return self.extra_s / self.plain_s if self.plain_s > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "views": self.views,
+            "forward_plain_s": round(self.plain_s, 4),
+            "forward_tta_added_s": round(self.extra_s, 4),
+            "tta_added_fraction": (round(self.added_fraction, 4) if self.plain_s > 0 else None),
+        }
+
+
+def _synchronize(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _averaged(
+    forward: Callable[[Any], Any],
+    batches: Iterable[Any],
+    device: Any,
+    tta: TestTimeAugmentation | None,
+    timer: ForwardTimer | None,
+) -> np.ndarray:
+    """``forward`` of every batch, averaged over the TTA views, as float32 numpy."""
+    import torch
+
+    views = tta.views() if tta is not None else [(False, 0, 0)]
+    if timer is not None:
+        timer.views = max(timer.views, len(views))
+    outputs = []
+    with torch.inference_mode():
+        for batch in batches:
+            images = batch[0] if isinstance(batch, list | tuple) else batch
+            images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
+            total = None
+            for position, view in enumerate(views):
+                started = time.perf_counter()
+                value = forward(view_of(images, view)).float()
+                total = value if total is None else total + value
+                if timer is not None:
+                    _synchronize(device)
+                    spent = time.perf_counter() - started
+                    if position == 0:
+                        timer.plain_s += spent
+                    else:
+                        timer.extra_s += spent
+            outputs.append((total / len(views)).cpu().numpy())
+    if not outputs:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(outputs).astype(np.float32, copy=False)
 
 
 def autocast(device: Any, enabled: bool):
@@ -60,7 +209,13 @@ def uint8_batches(images: np.ndarray, batch_size: int) -> Iterator[Any]:
 
 
 def predict_probabilities(
-    model: Any, batches: Iterable[Any], device: Any, amp: bool, mode: str
+    model: Any,
+    batches: Iterable[Any],
+    device: Any,
+    amp: bool,
+    mode: str,
+    tta: TestTimeAugmentation | None = None,
+    timer: ForwardTimer | None = None,
 ) -> np.ndarray:
     """Probabilities ``(N, K)`` float32 for image batches (tensors, or ``(images, _)`` pairs).
 
@@ -70,22 +225,45 @@ def predict_probabilities(
         device: where to run.
         amp: bf16 autocast for the backbone, where bf16 is native (:func:`bf16_is_native`).
         mode: ``"multilabel"`` or ``"multiclass"``.
+        tta: views whose probabilities are averaged (None: the plain image only).
+        timer: collects forward seconds, plain and added by TTA.
     """
-    import torch
-
     amp = amp and bf16_is_native(device)
     model.eval()
-    outputs = []
-    with torch.inference_mode():
-        for batch in batches:
-            images = batch[0] if isinstance(batch, list | tuple) else batch
-            images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
-            with autocast(device, amp):
-                logits = model(images)
-            outputs.append(probabilities(logits, mode).cpu().numpy())
-    if not outputs:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    def forward(images):
+        with autocast(device, amp):
+            return probabilities(model(images), mode)
+
+    return _averaged(forward, batches, device, tta, timer)
+
+
+def predict_features(
+    model: Any,
+    batches: Iterable[Any],
+    device: Any,
+    amp: bool,
+    tta: TestTimeAugmentation | None = None,
+    timer: ForwardTimer | None = None,
+) -> np.ndarray:
+    """Pooled backbone features ``(N, F)`` float32 (``ClassifierModel.forward_features``).
+
+    Args:
+        model: a :class:`~ichseg.models.classifiers.ClassifierModel`; evaluated in ``eval()``.
+        batches: as for :func:`predict_probabilities`.
+        device: where to run.
+        amp: bf16 autocast for the backbone, where bf16 is native.
+        tta: views whose features are averaged (None: the plain image only).
+        timer: collects forward seconds, plain and added by TTA.
+    """
+    amp = amp and bf16_is_native(device)
+    model.eval()
+
+    def forward(images):
+        with autocast(device, amp):
+            return model.forward_features(images)
+
+    return _averaged(forward, batches, device, tta, timer)
 
 
 COMPILE_ENV = "ICHSEG_COMPILE"

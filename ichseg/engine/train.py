@@ -18,15 +18,19 @@ import numpy as np
 from ichseg.config import RunConfig, save_config
 from ichseg.engine.cache import SliceSet, build_slices
 from ichseg.engine.checkpoint import (
+    BACKBONE_DIR,
     BEST,
     CONFIG_FILE,
+    EVAL_DIR,
     SEGMENTER_FILE,
     SPLITS_FILE,
     build_model,
+    load_classifier,
 )
 from ichseg.engine.dataset import SliceDataset, build_augmentation
 from ichseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from ichseg.engine.loop import LoopSettings, epoch_seed, fit, seed_everything
+from ichseg.engine.losses import TaskLoss
 from ichseg.engine.splits import load_splits, save_splits, split_by_group
 from ichseg.errors import ConfigError, InputError
 from ichseg.fileio import write_json
@@ -42,43 +46,6 @@ class TrainResult:
     best_checkpoint: Path
     history: list[dict[str, float]] = field(default_factory=list)
     test_metrics: dict[str, Any] | None = None
-
-
-class TaskLoss:
-    """Weighted BCE (multilabel; unknown labels left out) or cross-entropy (multiclass)."""
-
-    def __init__(self, config: RunConfig) -> None:
-        import torch
-
-        self.mode = config.task.mode
-        self.smoothing = config.task.label_smoothing
-        weights = config.task.class_weights if self.mode == "multilabel" else None
-        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
-
-    def __call__(self, logits, targets):
-        import torch
-        import torch.nn.functional as F
-
-        logits = logits.float()
-        if self.mode == "multiclass":
-            if targets.dtype.is_floating_point:  # mixup gives soft targets
-                return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-            return F.cross_entropy(logits, targets, label_smoothing=self.smoothing)
-        targets = targets.float()
-        known = ~torch.isnan(targets)
-        targets = torch.where(known, targets, torch.zeros_like(targets))
-        if self.smoothing:
-            targets = targets * (1 - self.smoothing) + 0.5 * self.smoothing
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        weights = (
-            torch.ones(logits.shape[1], device=loss.device)
-            if self.weights is None
-            else self.weights.to(loss.device)
-        )
-        weighted = known * weights
-        # Per sample: weighted mean over its known labels, as the RSNA metric does.
-        per_sample = (loss * weighted).sum(dim=1) / weighted.sum(dim=1).clamp_min(1e-12)
-        return per_sample[weighted.sum(dim=1) > 0].mean()
 
 
 def settings_of(config: RunConfig) -> LoopSettings:
@@ -304,6 +271,8 @@ def train(
 ) -> TrainResult:
     """Train a classifier as configured, then evaluate its best checkpoint.
 
+    A config with ``sequence.enabled`` trains a sequence run instead (:func:`train_sequence`).
+
     Args:
         config: the resolved run config (saved as ``config.yaml`` in ``run_dir``).
         run_dir: output folder: checkpoints, history, splits, curves and the eval reports.
@@ -316,6 +285,17 @@ def train(
     """
     from ichseg.preprocess.pipeline import Preprocessor
 
+    if config.sequence.enabled:
+        return train_sequence(
+            config,
+            run_dir,
+            resume=resume,
+            segmenter=segmenter,
+            preprocessor=preprocessor,
+            cache_root=cache_root,
+            progress=progress,
+            evaluate=evaluate,
+        )
     info = init_distributed()
     run_dir = Path(run_dir)
     seed_everything(config.seed)
@@ -371,3 +351,180 @@ def _write_rank_record(run_dir: Path, info: DistInfo, task: ClassifierTask, mode
         "state_sha1": state_digest(model.state_dict()),
     }
     write_json(run_dir / "ddp" / f"rank{info.rank}.json", record)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence runs: a backbone classifier, its cached slice embeddings, a head over each series
+
+
+def train_sequence(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    segmenter: str | Path | None = None,
+    preprocessor=None,
+    cache_root: Path | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+) -> TrainResult:
+    """Train a sequence head over a backbone's slice embeddings, then evaluate it.
+
+    The backbone is ``sequence.backbone_run`` (a finished classifier run of the same config
+    with the sequence disabled, copied into ``<run>/backbone/``) or, without one, trained into
+    ``<run>/backbone/`` first. The head trains on the backbone's split (``splits.json``), on
+    embeddings computed once per backbone and slice cache (:mod:`ichseg.engine.embeddings`),
+    through :func:`ichseg.engine.loop.fit`, so it resumes and saves like any run.
+
+    Args:
+        config: the resolved run config with ``sequence.enabled``.
+        run_dir: the sequence run folder (``backbone/``, the head's checkpoints, eval reports).
+        resume: continue the backbone and the head from their ``last.pt``.
+        segmenter: U-Net checkpoint for ``masking.method: unet``.
+        preprocessor: an already built preprocessor for this config.
+        cache_root: where preprocessed slices and embeddings are cached.
+        progress: progress output.
+        evaluate: choose thresholds and calibration on validation and score the test split.
+
+    Raises:
+        ConfigError: a backbone run of another config, another split than the run's, or torchrun.
+    """
+    from ichseg.engine.embeddings import embed_slices
+    from ichseg.engine.sequence import SequenceTask, sequence_settings
+    from ichseg.preprocess.pipeline import Preprocessor, file_digest
+
+    if init_distributed().enabled:
+        raise ConfigError(
+            f"{config.name}: sequence runs train on one process; train the backbone with "
+            "torchrun as its own run and give it as sequence.backbone_run"
+        )
+    run_dir = Path(run_dir)
+    seed_everything(config.seed)
+    preprocessor = preprocessor or Preprocessor.from_config(config, segmenter)
+    _prepare_run_dir(config, run_dir, resume, preprocessor)
+    backbone_path = _sequence_backbone(config, run_dir, resume, preprocessor, cache_root, progress)
+    slices = build_slices(config, preprocessor, cache_root, progress)
+    splits = make_splits(config, slices, run_dir)
+    _, backbone, _ = load_classifier(backbone_path)
+    digest = file_digest(backbone_path)
+    table = embed_slices(
+        backbone, slices, slices.usable(), backbone_sha1=digest, amp=config.train.amp
+    )
+    write_json(
+        run_dir / "backbone.json",
+        {
+            "source": str(config.sequence.backbone_run or run_dir / BACKBONE_DIR),
+            "trained_here": config.sequence.backbone_run is None,
+            "sha1": digest,
+            "num_features": table.num_features,
+            "embeddings": str(table.folder),
+        },
+    )
+    task = SequenceTask(config, slices, splits, table, digest)
+    fitted = fit(task, run_dir, sequence_settings(config), resume=resume, progress=progress)
+    result = TrainResult(run_dir, fitted.best_checkpoint, fitted.history)
+    if evaluate:
+        from ichseg.engine.evaluate import evaluate_run
+
+        result.test_metrics = evaluate_run(
+            run_dir,
+            split="test",
+            slices=slices,
+            preprocessor=preprocessor,
+            cache_root=cache_root,
+            progress=progress,
+        )
+    return result
+
+
+def _sequence_backbone(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    preprocessor,
+    cache_root: Path | None,
+    progress: bool,
+) -> Path:
+    """The backbone checkpoint of a sequence run, in ``<run>/backbone/``; the run's split set."""
+    from ichseg.engine.sequence import backbone_config
+
+    folder = run_dir / BACKBONE_DIR
+    source = config.sequence.backbone_run
+    if source is not None:
+        _copy_backbone_run(config, Path(source), folder, preprocessor.describe())
+    else:
+        finished = (folder / EVAL_DIR / "test" / "predictions.csv").is_file()
+        if (run_dir / SPLITS_FILE).is_file() and not (folder / SPLITS_FILE).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / SPLITS_FILE, folder / SPLITS_FILE)
+        if not finished:
+            train(
+                backbone_config(config),
+                folder,
+                resume=resume,
+                preprocessor=preprocessor,
+                cache_root=cache_root,
+                progress=progress,
+            )
+    _adopt_splits(folder / SPLITS_FILE, run_dir / SPLITS_FILE)
+    return folder / BEST
+
+
+def _copy_backbone_run(
+    config: RunConfig, source: Path, folder: Path, preprocessing: dict[str, Any]
+) -> None:
+    """Check a finished classifier run against the config and copy what the head needs."""
+    import json
+    import os
+
+    from ichseg.engine.sequence import backbone_differences, is_sequence_run
+    from ichseg.preprocess.pipeline import file_digest
+
+    if not (source / BEST).is_file():
+        raise InputError(source, f"sequence.backbone_run is not a finished run ({BEST} missing)")
+    if is_sequence_run(source):
+        raise InputError(source, "sequence.backbone_run must be a classifier run, not a sequence")
+    if not (source / SPLITS_FILE).is_file():
+        raise InputError(source, f"sequence.backbone_run has no {SPLITS_FILE}")
+    other, _, _ = load_classifier(source / BEST)
+    differences = backbone_differences(other, config)
+    if differences:
+        shown = "; ".join(differences[:3]) + (" ..." if len(differences) > 3 else "")
+        raise ConfigError(
+            f"{source}: sequence.backbone_run was trained with another config ({shown}); "
+            "its config must equal this one with the sequence disabled"
+        )
+    record = source / PREPROCESSING_FILE
+    if record.is_file() and json.loads(record.read_text()) != json.loads(json.dumps(preprocessing)):
+        raise ConfigError(
+            f"{record}: sequence.backbone_run was trained on other input than this run's "
+            "(another segmenter or preprocessing); its embeddings would not match"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (BEST, CONFIG_FILE, SPLITS_FILE, SEGMENTER_FILE, PREPROCESSING_FILE):
+        src, dst = source / name, folder / name
+        if not src.is_file() or (dst.is_file() and file_digest(dst) == file_digest(src)):
+            continue
+        tmp = dst.with_name(f".{name}.copy")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)  # checkpoints are replaced by rename, so a link never changes
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+def _adopt_splits(backbone_splits: Path, run_splits: Path) -> None:
+    """The run uses its backbone's split; a different split already in the run is refused."""
+    import json
+
+    if run_splits.is_file():
+        mine = {k: sorted(v) for k, v in json.loads(run_splits.read_text()).items()}
+        theirs = {k: sorted(v) for k, v in json.loads(backbone_splits.read_text()).items()}
+        if mine != theirs:
+            raise ConfigError(
+                f"{run_splits}: differs from the backbone's split {backbone_splits}; the head "
+                "must be trained and tested on the backbone's patients"
+            )
+        return
+    shutil.copyfile(backbone_splits, run_splits)
