@@ -83,3 +83,24 @@ def test_resize_and_crop():
     assert resize_slices(image[None], (8, 8)).shape == (1, 8, 8)
     labels = resize_slices(np.eye(4, dtype=np.uint8), (8, 8), order=0)
     assert set(np.unique(labels)) <= {0, 1}
+
+
+@pytest.mark.parametrize(("source", "target"), [(512, 224), (128, 48), (512, 128)])
+def test_shrinking_past_twofold_keeps_every_thin_line(source: int, target: int):
+    # One image per column, each with a 1-pixel vertical line in that column: plain bilinear
+    # sampling at this scale skips whole columns, so some lines would vanish.
+    lines = np.zeros((source, 4, source), dtype=np.float32)
+    lines[np.arange(source), :, np.arange(source)] = 1.0
+    out = resize_slices(lines, (4, target))
+    peaks = out.max(axis=(1, 2))
+    assert peaks.min() > 0.5 * target / source
+    # Away from the borders, where the filter is cut off, each line keeps its whole weight.
+    margin = 2 * source // target
+    interior = out.sum(axis=(1, 2))[margin:-margin]
+    np.testing.assert_allclose(interior, 4 * target / source, rtol=0.05)
+
+
+def test_twofold_shrink_is_the_two_by_two_mean():
+    image = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
+    expected = image.reshape(3, 4, 2, 4, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(resize_slices(image, (4, 4)), expected, rtol=1e-6)

@@ -65,7 +65,8 @@ from ichseg.fileio import write_json
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 3: per-slice scan attributes
+# 3: per-slice scan attributes; 4: slices shrunk past twofold resized with antialiasing.
+CACHE_VERSION = 4
 SHARD_SLICES = 2048
 """Target slices per shard: small enough to lose little on a kill, large enough to be few."""
 DISK_MARGIN = 1.05

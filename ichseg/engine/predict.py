@@ -16,6 +16,8 @@ and the extra views, which is the runtime TTA adds.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -167,11 +169,30 @@ def _averaged(
 
 
 def autocast(device: Any, enabled: bool):
-    """bf16 autocast on CPU and CUDA."""
+    """bf16 autocast on CPU and CUDA, where the device computes bf16 natively.
+
+    Elsewhere (a CPU with AVX2 only) autocast would emulate bf16: measured 9x slower than fp32
+    for a ResNet-50 training step and 10x for a U-Net epoch on a 2-core AVX2 AMD EPYC. There
+    ``enabled`` is ignored and the model runs in fp32 (logged once per process).
+    """
     import torch
 
-    device_type = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    device_type = _device_type(device)
+    if enabled and not bf16_is_native(device_type):
+        _note_fp32_fallback(device_type)
+        enabled = False
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _device_type(device: Any) -> str:
+    return device.type if hasattr(device, "type") else str(device).split(":")[0]
+
+
+@functools.cache
+def _note_fp32_fallback(device_type: str) -> None:
+    logging.getLogger(__name__).info(
+        "bf16 is emulated on this %s (no native bf16 instructions): running in fp32", device_type
+    )
 
 
 def bf16_is_native(device: Any) -> bool:
@@ -180,9 +201,13 @@ def bf16_is_native(device: Any) -> bool:
     CUDA devices that support bf16; CPUs whose oneDNN build reports bf16 support (AVX-512 BF16,
     AMX). Elsewhere bf16 is emulated: slower than fp32 and less precise.
     """
+    return _bf16_is_native(_device_type(device))
+
+
+@functools.cache
+def _bf16_is_native(device_type: str) -> bool:
     import torch
 
-    device_type = device.type if hasattr(device, "type") else str(device).split(":")[0]
     if device_type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     try:
@@ -228,7 +253,6 @@ def predict_probabilities(
         tta: views whose probabilities are averaged (None: the plain image only).
         timer: collects forward seconds, plain and added by TTA.
     """
-    amp = amp and bf16_is_native(device)
     model.eval()
 
     def forward(images):
@@ -256,7 +280,6 @@ def predict_features(
         tta: views whose features are averaged (None: the plain image only).
         timer: collects forward seconds, plain and added by TTA.
     """
-    amp = amp and bf16_is_native(device)
     model.eval()
 
     def forward(images):

@@ -143,7 +143,9 @@ def resize_slices(images: np.ndarray, size: tuple[int, int], order: int = 1) -> 
 
     Bilinear resizing samples pixel centres (``align_corners=False``), the grid of
     ``scipy.ndimage.zoom(..., grid_mode=True)``, through torch, which is an order of magnitude
-    faster on CPU for stacks of slices.
+    faster on CPU for stacks of slices. Shrinking an axis more than twofold (512 -> 224) widens
+    the filter to the scale factor (torch's ``antialias``): plain bilinear weights span two input
+    pixels, so it would skip input pixels and a thin bleed could vanish from the slice.
     """
     images = np.asarray(images)
     height, width = images.shape[-2:]
@@ -164,6 +166,9 @@ def resize_slices(images: np.ndarray, size: tuple[int, int], order: int = 1) -> 
     flat = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).reshape(
         -1, 1, height, width
     )
-    resized = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
+    shrink_past_two = height > 2 * size[0] or width > 2 * size[1]
+    resized = F.interpolate(
+        flat, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink_past_two
+    )
     out = resized.reshape(*images.shape[:-2], *size).numpy()
     return out.astype(images.dtype, copy=False)

@@ -1,0 +1,32 @@
+"""bf16 autocast is used only where the device computes bf16 natively."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ichseg.engine import predict
+
+
+def _linear_output_dtype(context) -> torch.dtype:
+    layer = torch.nn.Linear(4, 2)
+    with context:
+        return layer(torch.ones(3, 4)).dtype
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_requested_amp_follows_native_support(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(predict, "_bf16_is_native", lambda device_type: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert _linear_output_dtype(predict.autocast(torch.device("cpu"), True)) == expected
+    assert _linear_output_dtype(predict.autocast("cpu", True)) == expected
+
+
+def test_amp_off_stays_fp32_even_where_native(monkeypatch) -> None:
+    monkeypatch.setattr(predict, "_bf16_is_native", lambda device_type: True)
+    assert _linear_output_dtype(predict.autocast(torch.device("cpu"), False)) == torch.float32
+
+
+def test_native_bf16_matches_onednn_on_this_cpu() -> None:
+    assert predict.bf16_is_native("cpu") is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert predict.bf16_is_native("meta") is False
