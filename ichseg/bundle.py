@@ -40,6 +40,7 @@ from ichseg.config import RunConfig, WindowSpec, save_config
 from ichseg.engine.checkpoint import (
     CALIBRATION_FILE,
     CLASSIFIER_FILE,
+    HEMORRHAGE_SEGMENTER_FILE,
     SEGMENTER_FILE,
     SEQUENCE_FILE,
     THRESHOLDS_FILE,
@@ -392,6 +393,19 @@ def _segmenter_source(
     return path
 
 
+def _hemorrhage_source(run_dir: Path, explicit: str | Path | None) -> Path | None:
+    """The hemorrhage U-Net to ship (explicit, else the run's own, else none), vetted now."""
+    from ichseg.segmentation.hemorrhage import load_hemorrhage_segmenter
+
+    path = Path(explicit) if explicit is not None else run_dir / HEMORRHAGE_SEGMENTER_FILE
+    if explicit is None and not path.is_file():
+        return None
+    if not path.is_file():
+        raise InputError(path, "no such hemorrhage segmenter checkpoint")
+    load_hemorrhage_segmenter(path, device="cpu")
+    return path
+
+
 def _write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
@@ -411,6 +425,7 @@ def export_bundle(
     out_dir: str | Path,
     *,
     segmenter: str | Path | None = None,
+    hemorrhage_segmenter: str | Path | None = None,
     version: str = "0.1.0",
     authors: str = "ichseg",
     description: str | None = None,
@@ -425,6 +440,8 @@ def export_bundle(
         segmenter: U-Net checkpoint to ship; default the run's ``segmenter.pt`` or the config's
             ``masking.checkpoint`` when they exist. Without one, inference uses the classical
             intracranial mask (refused for runs trained on U-Net-masked slices).
+        hemorrhage_segmenter: hemorrhage U-Net to ship, for label maps and volumes in ml;
+            default the run's ``hemorrhage_segmenter.pt`` when it has one.
         version: bundle version (semantic version, e.g. ``0.1.0``).
         authors: author line of the metadata, README and license.
         description: metadata description; a default describing the model otherwise.
@@ -446,6 +463,7 @@ def export_bundle(
     thresholds = load_thresholds(run_dir / THRESHOLDS_FILE, config.task.class_names)
     _check_target(run_dir, out_dir, overwrite)
     segmenter_path = _segmenter_source(run_dir, config, segmenter)
+    hemorrhage_path = _hemorrhage_source(run_dir, hemorrhage_segmenter)
     meta = build_metadata(
         config,
         version=version,
@@ -477,6 +495,8 @@ def export_bundle(
         _copy_serving_files(run_dir, models)
         if segmenter_path is not None:
             shutil.copyfile(segmenter_path, models / SEGMENTER_FILE)
+        if hemorrhage_path is not None:
+            shutil.copyfile(hemorrhage_path, models / HEMORRHAGE_SEGMENTER_FILE)
         write_text(docs / "README.md", _readme(meta, config, thresholds.aggregation))
         write_text(staging / "LICENSE", _license_text(authors))
         _publish(staging, out_dir)

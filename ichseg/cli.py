@@ -632,6 +632,10 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: a free one).")] = 8000,
     segmenter: Annotated[Path | None, typer.Option(help="Override the U-Net checkpoint.")] = None,
+    hemorrhage_segmenter: Annotated[
+        Path | None,
+        typer.Option(help="Hemorrhage U-Net for volumes in ml (default: the model's, if any)."),
+    ] = None,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest upload in MiB.")] = 512.0,
     max_file_mb: Annotated[
         float | None, typer.Option(min=0.001, help="Largest single file in MiB (default: same).")
@@ -652,6 +656,7 @@ def serve(
         keep_uploads,
         max_file_mb=max_file_mb,
         device=device,
+        hemorrhage_segmenter=hemorrhage_segmenter,
     )
     typer.echo(f"serving {model} at {socket_url(listener)} (Ctrl+C to stop)")
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -750,13 +755,27 @@ def bundle_export(
     run: Annotated[Path, typer.Argument(help="Training run folder.")],
     out: Annotated[Path, typer.Argument(help="Bundle folder to create.")],
     segmenter: Annotated[Path | None, typer.Option(help="U-Net checkpoint to include.")] = None,
+    hemorrhage_segmenter: Annotated[
+        Path | None,
+        typer.Option(
+            help="Hemorrhage U-Net to include, for volumes in ml "
+            "(default: the run's hemorrhage_segmenter.pt, if any)."
+        ),
+    ] = None,
     version: Annotated[str, typer.Option(help="Bundle version.")] = "0.1.0",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
 ) -> None:
     """Write a MONAI bundle that `python -m monai.bundle run` executes."""
     from ichseg.bundle import export_bundle
 
-    path = export_bundle(run, out, segmenter=segmenter, version=version, overwrite=overwrite)
+    path = export_bundle(
+        run,
+        out,
+        segmenter=segmenter,
+        hemorrhage_segmenter=hemorrhage_segmenter,
+        version=version,
+        overwrite=overwrite,
+    )
     typer.echo(f"bundle: {path}")
     typer.echo(
         f"run it: python -m monai.bundle run --config_file {path}/configs/inference.json "

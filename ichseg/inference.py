@@ -50,6 +50,7 @@ from ichseg.engine.checkpoint import (
     BEST,
     CALIBRATION_FILE,
     CLASSIFIER_FILE,
+    HEMORRHAGE_SEGMENTER_FILE,
     SEGMENTER_FILE,
     SEQUENCE_FILE,
     THRESHOLDS_FILE,
@@ -65,8 +66,6 @@ from ichseg.volume import HEMORRHAGE_CODES, SUBTYPES, CTVolume
 
 log = logging.getLogger(__name__)
 
-HEMORRHAGE_SEGMENTER_FILE = "hemorrhage_segmenter.pt"
-"""A hemorrhage U-Net carried in a run folder (or a bundle's ``models/``) for volumes."""
 OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
 GRADCAM_FORMATS = ("png", "dicom", "both")
 GRADCAM_ALPHA = 0.35

@@ -241,6 +241,58 @@ def test_bundle_without_segmenter_matches_run(
     _assert_same_predictions(tmp_path / "bundle", tmp_path / "run", list(SUBTYPES))
 
 
+def test_bundle_ships_a_hemorrhage_segmenter(
+    trained_run: Path,
+    segmenter_checkpoint: Path,
+    hemorrhage_checkpoint: Path,
+    phantom_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The bundle carries the hemorrhage U-Net given at export and predicts volumes with it;
+    an intracranial U-Net in its place is refused at export, naming the file."""
+    from ichseg.engine.checkpoint import HEMORRHAGE_SEGMENTER_FILE
+
+    runner = CliRunner()
+    refused = runner.invoke(
+        app,
+        [
+            "bundle",
+            "export",
+            str(trained_run),
+            str(tmp_path / "wrong"),
+            "--hemorrhage-segmenter",
+            str(segmenter_checkpoint),
+        ],
+    )
+    assert refused.exit_code == 2 and "not a hemorrhage segmenter" in refused.output
+    assert not (tmp_path / "wrong").exists()
+
+    bundle = tmp_path / "bundle"
+    result = runner.invoke(
+        app,
+        [
+            "bundle",
+            "export",
+            str(trained_run),
+            str(bundle),
+            "--hemorrhage-segmenter",
+            str(hemorrhage_checkpoint),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (bundle / "models" / HEMORRHAGE_SEGMENTER_FILE).read_bytes() == (
+        hemorrhage_checkpoint.read_bytes()
+    )
+    out = tmp_path / "out"
+    source = next(p for p in sorted((phantom_dir / "dicom").iterdir()) if p.is_dir())
+    result = runner.invoke(
+        app, ["predict", str(bundle), str(source), str(out), "--quiet", "--no-gradcam"]
+    )
+    assert result.exit_code == 0, result.output
+    series = _read_csv(out / "series.csv")
+    assert series[0]["hemorrhage_mask"] and float(series[0]["volume_ml_total"]) >= 0.0
+
+
 def test_overwrite(trained_run: Path, tmp_path: Path) -> None:
     target = tmp_path / "b"
     target.mkdir()  # an empty folder is fine

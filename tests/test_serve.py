@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from ichseg.serve import UploadLimits, create_app
+from ichseg.serve.app import FILE_COLUMNS
 from ichseg.volume import SUBTYPES
 
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (pip install -e '.[dev]')")
@@ -32,7 +33,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 TOLERANCE = 1e-6
 PATH_FIELDS = {"source"}
 """Fields that name where a file was: the server shows them relative to the upload."""
-FILE_FIELDS = {"mask", "gradcam"}
+FILE_FIELDS = set(FILE_COLUMNS)
 """series.csv columns naming output files, which the API does not keep."""
 
 
@@ -150,6 +151,34 @@ def test_dicom_series_upload_equals_predict(
         threshold = body["thresholds"]["series"][name]
         positive = threshold is not None and series[name] >= threshold
         assert series[f"label_{name}"] == int(positive)
+
+
+def test_hemorrhage_volumes_served_without_file_paths(
+    trained_run: Path,
+    hemorrhage_checkpoint: Path,
+    phantom_dir: Path,
+    work_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """A run carrying a hemorrhage U-Net: volumes in ml reach the API, the label map, SEG and
+    SR paths (files deleted with the request) do not."""
+    from ichseg.inference import HEMORRHAGE_SEGMENTER_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval", "last.pt"))
+    shutil.copy(hemorrhage_checkpoint, run / HEMORRHAGE_SEGMENTER_FILE)
+    study = _study(phantom_dir)
+    expected = _reference(run, study, tmp_path / "reference")
+    assert "hemorrhage_mask" in expected.series_rows[0]
+
+    client = TestClient(create_app(run, device="cpu", work_dir=work_dir))
+    response = client.post("/api/predict", files=_parts(sorted(study.glob("*.dcm"))))
+
+    assert response.status_code == 200, response.text
+    series = response.json()["series"]
+    _assert_rows_equal(series, expected.series_rows, PATH_FIELDS)
+    assert not set(series[0]) & {"mask", "hemorrhage_mask", "seg", "sr", "gradcam"}
+    assert series[0]["volume_ml_total"] == pytest.approx(expected.series_rows[0]["volume_ml_total"])
 
 
 def test_nifti_upload_with_views_at_native_resolution(

@@ -3,8 +3,8 @@
 ``POST /api/predict`` runs :func:`ichseg.inference.predict` (the function behind
 ``ichseg predict``) on the uploaded files with the model loaded once at start-up, so its series
 and slice rows carry the same fields and values as ``series.csv`` and ``predictions.csv``.
-Paths in them are relative to the upload (``upload/...``); the ``mask`` and ``gradcam``
-file columns are left out because no file outlives the request. With ``?views=true`` it adds,
+Paths in them are relative to the upload (``upload/...``); the columns that name output files
+(``FILE_COLUMNS``) are left out because no file outlives the request. With ``?views=true`` it adds,
 per series, every slice in the brain window with its intracranial mask and Grad-CAM heat map
 at native resolution, which is what the page shows.
 
@@ -42,8 +42,9 @@ from ichseg.serve.uploads import (
 
 log = logging.getLogger(__name__)
 
-FILE_COLUMNS = ("mask", "gradcam")
-"""Columns of ``series.csv`` that name output files; the API leaves them out."""
+FILE_COLUMNS = ("mask", "hemorrhage_mask", "seg", "sr", "gradcam")
+"""Columns of ``series.csv`` that name output files (masks, DICOM SEG and SR, Grad-CAM); the
+API leaves them out, since no file outlives the request."""
 
 UPLOAD_NAME = "upload"
 """How paths inside a request's upload are shown (the server's folders never are)."""
@@ -215,6 +216,7 @@ def create_app(
     device: str | None = None,
     batch_size: int = 32,
     predictor: Any = None,
+    hemorrhage_segmenter: str | Path | None = None,
 ) -> FastAPI:
     """The FastAPI application serving one model.
 
@@ -230,8 +232,10 @@ def create_app(
         work_dir: parent of the request folders (default: the system's temporary folder).
         device: "cpu" or "cuda" (default: cuda when available).
         batch_size: slices per model pass.
-        predictor: a predictor already loaded from ``model_path`` (then ``segmenter`` and
-            ``device`` are not used).
+        predictor: a predictor already loaded from ``model_path`` (then ``segmenter``,
+            ``hemorrhage_segmenter`` and ``device`` are not used).
+        hemorrhage_segmenter: a hemorrhage U-Net for volumes in ml (default: the one the model
+            carries, if any).
 
     Raises:
         InputError: a missing or damaged model (one line).
@@ -240,7 +244,9 @@ def create_app(
 
     model_path = Path(model_path)
     limits = limits or UploadLimits.from_megabytes(max_upload_mb, max_file_mb)
-    predictor = predictor or load_predictor(model_path, segmenter, device)
+    predictor = predictor or load_predictor(
+        model_path, segmenter, device, hemorrhage_segmenter=hemorrhage_segmenter
+    )
     analyzer = Analyzer(
         predictor,
         model_path,
