@@ -20,8 +20,6 @@ from ichseg.io import workers as workers_module
 from ichseg.io.dicom import (
     NotAnImage,
     SeriesFiles,
-    _pixel_problem,
-    _unusable_reason,
     decode_slice,
     discover_series,
     parse_file,
@@ -29,6 +27,8 @@ from ichseg.io.dicom import (
     read_series,
     series_layout,
 )
+from ichseg.io.dicom_header import unusable_reason
+from ichseg.io.dicom_pixels import pixel_problem
 from ichseg.io.dicom_table import DicomTable
 from ichseg.io.loader import index_input
 from ichseg.io.walk import list_compact, list_files
@@ -44,11 +44,11 @@ def _two_pass(path: Path) -> dict:
         return {"ignored": other.reason}
     except InputError as error:
         return {"skipped": error.reason}
-    reason = _unusable_reason(header)
+    reason = unusable_reason(header)
     if reason:
         return {"skipped": reason}
     out: dict = {"header": header}
-    if _pixel_problem(header) is None:
+    if pixel_problem(header) is None:
         try:
             out["decoded"] = decode_slice(path)
         except InputError as error:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ichseg.config import load_config
-from ichseg.engine import cache as cache_module
+from ichseg.engine import cache_per_slice
 from ichseg.engine.cache import build_slices, cached_skips
 from ichseg.errors import ConfigError
 
@@ -97,14 +97,14 @@ def test_file_by_file_cache_equals_the_series_cache(flat_data, tmp_path: Path, c
 def test_workers_hold_a_bounded_number_of_slices(flat_data, tmp_path: Path, monkeypatch):
     flat, labels = flat_data
     seen: list[int] = []
-    real = cache_module._window_batch
+    real = cache_per_slice._window_batch
 
     def counting(pending, *args):
         seen.append(sum(hu is not None for _, hu in pending))
         return real(pending, *args)
 
-    monkeypatch.setattr(cache_module, "PER_SLICE_BATCH", 5)
-    monkeypatch.setattr(cache_module, "_window_batch", counting)
+    monkeypatch.setattr(cache_per_slice, "PER_SLICE_BATCH", 5)
+    monkeypatch.setattr(cache_per_slice, "_window_batch", counting)
     config = _config(flat, labels, tmp_path)
     build_slices(config, progress=False, per_slice=True, shard_slices=100, workers=1)
     assert max(seen) == 5 and sum(seen) == 24 and len(seen) >= 24 // 5
@@ -126,16 +126,16 @@ def test_masked_runs_need_whole_series(flat_data, tmp_path: Path):
 _CHILD = """
 import sys, time
 from ichseg.config import load_config
-from ichseg.engine import cache
+from ichseg.engine import cache, {module}
 
-real = cache.{function}
+real = {module}.{function}
 
 def slow(*args, **kwargs):
     out = real(*args, **kwargs)
     time.sleep(0.3)  # time for the test to kill the build between two shards
     return out
 
-cache.{function} = slow
+{module}.{function} = slow
 config = load_config(extra={config!r})
 cache.build_slices(config, progress=False, workers=1, shard_slices=4, per_slice={per_slice})
 """
@@ -155,11 +155,14 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
 def test_a_killed_build_resumes_with_its_finished_shards(flat_data, tmp_path: Path, per_slice):
     flat, labels = flat_data
     config = _config(flat, labels, tmp_path / "cache")
-    function = "_build_file_shard" if per_slice else "_build_shard"
+    module, function = (
+        ("cache_per_slice", "_build_file_shard") if per_slice else ("cache", "_build_shard")
+    )
     script = tmp_path / "child.py"
     script.write_text(
         textwrap.dedent(
             _CHILD.format(
+                module=module,
                 function=function,
                 config=config.model_dump(mode="json"),
                 per_slice=per_slice,

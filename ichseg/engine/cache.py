@@ -43,6 +43,10 @@ Two ways to build, the same arrays:
   twice (header pass, then decoding: about 1.3-1.6x the CPU of one pass) and the header pass
   keeps one ``SliceHeader`` per file in the building process (measured 2.3 KB each: ~1.7 GB
   for the RSNA folder), plus the segmenter's time per volume.
+
+This module builds series by series and chooses the build; ``ichseg.engine.cache_per_slice``
+builds file by file and ``ichseg.engine.cache_format`` holds the key and opens a finished cache.
+Every public name is importable from here.
 """
 
 from __future__ import annotations
@@ -53,127 +57,55 @@ import os
 import shutil
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ichseg.config import DataConfig, MaskingConfig, RunConfig, TaskConfig
+from ichseg.config import DataConfig, MaskingConfig, RunConfig
+from ichseg.engine.cache_format import (
+    CACHE_VERSION,
+    DISK_MARGIN,
+    PER_SLICE,
+    ShardedImages,
+    SliceSet,
+    cache_key,
+    cached_skips,
+    check_disk_space,
+    default_cache_root,
+    open_slices,
+    shard_name,
+)
+from ichseg.engine.cache_per_slice import (
+    INDEX_BYTES_PER_SLICE,
+    PER_SLICE_BATCH,
+    PER_SLICE_BYTES,
+    build_per_slice,
+    per_slice_files,
+)
 from ichseg.errors import ConfigError, InputError
 from ichseg.fileio import write_json
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "CACHE_VERSION",
+    "DISK_MARGIN",
+    "INDEX_BYTES_PER_SLICE",
+    "PER_SLICE",
+    "PER_SLICE_BATCH",
+    "PER_SLICE_BYTES",
+    "SHARD_SLICES",
+    "ShardedImages",
+    "SliceSet",
+    "build_slices",
+    "cache_key",
+    "cached_skips",
+    "default_cache_root",
+    "open_slices",
+]
 
-# 3: per-slice scan attributes; 4: slices shrunk past twofold resized with antialiasing.
-CACHE_VERSION = 4
+log = logging.getLogger(__name__)
 SHARD_SLICES = 2048
 """Target slices per shard: small enough to lose little on a kill, large enough to be few."""
-DISK_MARGIN = 1.05
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("ICHSEG_CACHE", Path.home() / ".cache" / "ichseg"))
-
-
-def cache_key(description: dict[str, Any], identity: dict[str, Any]) -> str:
-    import hashlib
-
-    payload = {"version": CACHE_VERSION, "preprocess": description, "data": identity}
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class ShardedImages:
-    """Read-only ``(N, W, S, S)`` uint8 view over the shards' memory maps."""
-
-    def __init__(self, arrays: list[np.ndarray]) -> None:
-        self.arrays = arrays
-        self.offsets = np.r_[0, np.cumsum([len(a) for a in arrays])].astype(np.int64)
-        self.shape = (int(self.offsets[-1]), *(arrays[0].shape[1:] if arrays else (0, 0, 0)))
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        indices = np.atleast_1d(np.asarray(index, dtype=np.int64))
-        shard = np.searchsorted(self.offsets, indices, side="right") - 1
-        out = np.empty((indices.size, *self.shape[1:]), dtype=np.uint8)
-        for position, (s, i) in enumerate(zip(shard, indices, strict=True)):
-            out[position] = self.arrays[s][i - self.offsets[s]]
-        return out.reshape(*np.shape(index), *self.shape[1:]) if np.ndim(index) else out[0]
-
-
-@dataclass
-class SliceSet:
-    """Cached slices and their labels.
-
-    Attributes:
-        images: the windows of every cached slice, ``(N, W, S, S)``.
-        neighbours: ``(N, 2k+1)`` global rows of each slice's 2.5D neighbours.
-        labels: ``(N, 6)`` float32 in SUBTYPES order, NaN where unknown.
-        classes: ``(N,)`` int64 class index for picture datasets in multiclass mode, else None.
-        class_names: names of ``classes``.
-        groups: patient id per slice; series: series id; sop_uids; slice_index (in its volume).
-        trainable: slices that are labelled and pass the slice filter (the others are kept
-            only as 2.5D neighbours).
-        label_level: ``"slice"`` or ``"series"`` (scan-level labels copied to slices).
-        folder: the cache folder.
-        attribute_index: ``(N,)`` row of each slice in ``attribute_records`` (-1: none known).
-        attribute_records: distinct scan-attribute records (``ichseg.io.attributes.FIELDS``).
-    """
-
-    images: ShardedImages
-    neighbours: np.ndarray
-    labels: np.ndarray
-    classes: np.ndarray | None
-    class_names: list[str] | None
-    groups: np.ndarray
-    series: np.ndarray
-    sop_uids: np.ndarray
-    slice_index: np.ndarray
-    trainable: np.ndarray
-    label_level: str
-    folder: Path
-    attribute_index: np.ndarray | None = None
-    attribute_records: list[dict[str, Any]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def attribute(self, name: str) -> np.ndarray:
-        """``(N,)`` object array of one scan attribute per slice (None where unknown)."""
-        out = np.full(len(self.labels), None, dtype=object)
-        if self.attribute_index is None or not self.attribute_records:
-            return out
-        values = np.array([r.get(name) for r in self.attribute_records] + [None], dtype=object)
-        return values[self.attribute_index]  # -1 picks the trailing None
-
-    def usable(self) -> np.ndarray:
-        """Rows that training and evaluation use."""
-        return np.flatnonzero(self.trainable)
-
-    def stack(self, index: int) -> np.ndarray:
-        """uint8 ``(C, S, S)`` model input of one slice (its windows and its neighbours')."""
-        from ichseg.preprocess.pipeline import gather_context
-
-        rows = self.neighbours[index]
-        return gather_context(self.images[rows], np.arange(len(rows))[None])[0]
-
-    def targets(self, task: TaskConfig) -> np.ndarray:
-        """``(N, 6)`` float labels (multilabel) or ``(N,)`` int64 classes (multiclass)."""
-        if task.mode == "multilabel":
-            return self.labels.astype(np.float32)
-        if self.classes is not None:
-            if task.classes and list(task.classes) != list(self.class_names or []):
-                raise InputError(
-                    self.folder,
-                    f"task.classes {task.classes} differ from the data's classes "
-                    f"{self.class_names}",
-                )
-            return self.classes
-        from ichseg.engine.targets import multiclass_targets
-
-        return multiclass_targets(self.labels, task.class_names)
 
 
 def _plan(units: list, shard_slices: int) -> list[list[int]]:
@@ -194,19 +126,6 @@ def _plan(units: list, shard_slices: int) -> list[list[int]]:
 
 def _estimate_bytes(units: list, per_slice: int) -> int:
     return int(sum(max(u.slices, 0) for u in units) * per_slice)
-
-
-def _check_disk(folder: Path, needed: int) -> None:
-    probe = folder if folder.exists() else folder.parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if needed * DISK_MARGIN > free:
-        raise InputError(
-            folder,
-            f"the slice cache needs about {needed / 1e9:.2f} GB and only {free / 1e9:.2f} GB "
-            "are free there (set data.cache_dir or ICHSEG_CACHE to a larger disk)",
-        )
 
 
 def build_slices(
@@ -245,14 +164,14 @@ def build_slices(
     preprocessor = preprocessor or Preprocessor.from_config(config)
     cache_root = Path(cache_root or data.cache_dir or default_cache_root())
     source = make_source(data, cache_root)
-    files = None if per_slice is False else _per_slice_files(source, preprocessor)
+    files = None if per_slice is False else per_slice_files(source, preprocessor)
     if per_slice and files is None:
         raise ConfigError(
             "a per-slice cache needs DICOM-only data and no intracranial masking "
             "(masking works on whole series)"
         )
     if files is not None:
-        return _build_per_slice(
+        return build_per_slice(
             config, preprocessor, source, cache_root, files, progress, workers, shard_slices
         )
     folder = cache_root / f"slices-{cache_key(preprocessor.describe(), source.identity())}"
@@ -265,7 +184,7 @@ def build_slices(
     per_slice = windows * data.image_size**2
     estimate = _estimate_bytes(units, per_slice)
     folder.mkdir(parents=True, exist_ok=True)
-    _check_disk(folder, estimate)
+    check_disk_space(folder, estimate)
     shards = _plan(units, shard_slices)
     plan = {
         "version": CACHE_VERSION,
@@ -279,7 +198,7 @@ def build_slices(
     if plan_path.exists() and json.loads(plan_path.read_text()).get("shards") != shards:
         raise InputError(folder, "a different build plan exists here; remove the folder")
     write_json(plan_path, plan)
-    missing = [i for i in range(len(shards)) if not (folder / _shard_name(i)).is_dir()]
+    missing = [i for i in range(len(shards)) if not (folder / shard_name(i)).is_dir()]
     if progress:
         log.warning(
             "slice cache %s: %d unit(s), ~%.2f GB, %d of %d shard(s) to build",
@@ -318,7 +237,7 @@ def build_slices(
             bar.update(1)
     bar.close()
     count = sum(
-        int(json.loads((folder / _shard_name(i) / "meta.json").read_text())["trainable"])
+        int(json.loads((folder / shard_name(i) / "meta.json").read_text())["trainable"])
         for i in range(len(shards))
     )
     if count == 0:
@@ -326,10 +245,6 @@ def build_slices(
         raise InputError(where, "no usable labelled slices found (see warnings for skips)")
     write_json(folder / "done.json", {"version": CACHE_VERSION, "shards": len(shards)})
     return open_slices(folder)
-
-
-def _shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
 
 
 def _build_shard_job(job: tuple) -> None:
@@ -415,7 +330,7 @@ def _build_shard(
         parts["nbr"].append(local[neighbours[where]])
         parts["attr"].append(_attribute_rows(item.attributes, where, records))
         rows += where.size
-    tmp = Path(folder) / f".{_shard_name(shard)}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = Path(folder) / f".{shard_name(shard)}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
     try:
         images = (
@@ -448,7 +363,7 @@ def _build_shard(
         }
         write_json(tmp / "meta.json", meta)
         write_json(tmp / "skipped.json", skipped)
-        os.replace(tmp, Path(folder) / _shard_name(shard))
+        os.replace(tmp, Path(folder) / shard_name(shard))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -471,433 +386,5 @@ def _attribute_rows(
     return out
 
 
-def _shard_images(folder: Path, count: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """Memory maps of the shards' images (empty shards left out) and every shard's meta."""
-    arrays, metas = [], []
-    for i in range(count):
-        shard = folder / _shard_name(i)
-        meta = json.loads((shard / "meta.json").read_text())
-        if meta["count"]:
-            arrays.append(
-                np.memmap(shard / "images.u8", np.uint8, "r", shape=(meta["count"], *meta["shape"]))
-            )
-        metas.append(meta)
-    return arrays, metas
-
-
 def _cat(arrays: list[np.ndarray], empty_shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(empty_shape, dtype)
-
-
-def open_slices(folder: str | Path) -> SliceSet:
-    """Open a finished cache folder."""
-    folder = Path(folder)
-    done = json.loads((folder / "done.json").read_text())
-    if done.get("layout") == PER_SLICE:
-        return _open_per_slice(folder, done)
-    arrays, metas = _shard_images(folder, done["shards"])
-    indexes = []
-    records: list[dict[str, Any]] = []
-    attribute_rows: list[np.ndarray] = []
-    for i, meta in enumerate(metas):
-        shard = folder / _shard_name(i)
-        index = np.load(shard / "index.npz")
-        indexes.append(index)
-        # Caches written before attributes existed have neither file: every slice unknown.
-        local = index["attributes"] if "attributes" in index.files else None
-        if local is None or not (shard / "attributes.json").exists():
-            attribute_rows.append(np.full(meta["count"], -1, dtype=np.int64))
-            continue
-        attribute_rows.append(np.where(local >= 0, local.astype(np.int64) + len(records), -1))
-        records += json.loads((shard / "attributes.json").read_text())
-    offsets = np.r_[0, np.cumsum([m["count"] for m in metas])]
-    neighbours = np.concatenate(
-        [
-            np.where(ix["neighbours"] >= 0, ix["neighbours"] + off, -1)
-            for ix, off in zip(indexes, offsets, strict=False)
-        ]
-    )
-
-    def cat(key: str) -> np.ndarray:
-        return np.concatenate([ix[key] for ix in indexes])
-
-    has_classes = any(m["has_classes"] for m in metas)
-    return SliceSet(
-        images=ShardedImages(arrays),
-        neighbours=neighbours,
-        labels=cat("labels"),
-        classes=cat("classes") if has_classes else None,
-        class_names=next((m["class_names"] for m in metas if m["class_names"]), None),
-        groups=cat("groups"),
-        series=cat("series"),
-        sop_uids=cat("sop_uids"),
-        slice_index=cat("slice_index"),
-        trainable=cat("trainable"),
-        label_level=metas[0]["label_level"] if metas else "slice",
-        folder=folder,
-        attribute_index=np.concatenate(attribute_rows) if attribute_rows else None,
-        attribute_records=records,
-    )
-
-
-def cached_skips(folder: str | Path) -> list[dict[str, str]]:
-    """Units the cache could not read, with reasons (from every shard)."""
-    folder = Path(folder)
-    found = []
-    if (folder / "skipped.json").exists():
-        found += json.loads((folder / "skipped.json").read_text())
-    for shard in sorted(folder.glob("shard-*")):
-        path = shard / "skipped.json"
-        if path.exists():
-            found += json.loads(path.read_text())
-    return found
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-slice build: one parse per file, series assembled afterwards from a compact index.
-
-PER_SLICE = "per-slice"
-PER_SLICE_BATCH = 32
-"""Most decoded slices a worker windows and writes at once."""
-PER_SLICE_BYTES = 16 * 1024**2
-"""...and at most this many bytes of windowed float32 per batch (five 512 x 512 slices with three
-windows). Below glibc's largest mmap threshold (32 MiB), so the batch arrays reuse freed heap
-memory instead of fresh pages: on a VM where first-touching a page is slow, batches of 32
-slices of 512 px made windowing several times slower."""
-
-
-def _per_slice_files(source, preprocessor) -> np.ndarray | None:
-    """The files to cache one by one, or None when whole volumes are needed.
-
-    Per-slice caching needs a source that offers its files (DICOM only) and a preprocessor whose
-    every step works on single slices: no intracranial masking (the segmenter and the crop box
-    see the whole series).
-    """
-    offer = getattr(source, "per_slice_files", None)
-    if offer is None or preprocessor.masker is not None or preprocessor.source_kind != "hu":
-        return None
-    return offer()
-
-
-def _build_per_slice(
-    config: RunConfig,
-    preprocessor,
-    source,
-    cache_root: Path,
-    files: np.ndarray,
-    progress: bool,
-    workers: int | None,
-    shard_slices: int,
-) -> SliceSet:
-    """The slice cache of a DICOM source, built file by file (the RSNA layout: one flat folder
-    of one-slice files, series complete only once the whole folder is read)."""
-    from ichseg.io.workers import MIN_PARALLEL_FILES, ordered_map, resolve_workers
-    from ichseg.progress import progress as progress_bar
-
-    data = config.data
-    identity = source.identity()
-    key = cache_key(preprocessor.describe(), {**identity, "layout": PER_SLICE})
-    folder = cache_root / f"slices-{key}"
-    if (folder / "done.json").exists():
-        return open_slices(folder)
-    count = len(files)
-    if count == 0:
-        raise InputError(data.root, "the data source holds no files")
-    per_slice = len(data.windows) * data.image_size**2
-    estimate = count * (per_slice + INDEX_BYTES_PER_SLICE)
-    folder.mkdir(parents=True, exist_ok=True)
-    _check_disk(folder, estimate)
-    shards = [[start, min(count, start + shard_slices)] for start in range(0, count, shard_slices)]
-    plan = {
-        "version": CACHE_VERSION,
-        "layout": PER_SLICE,
-        "files": count,
-        "shards": shards,
-        "estimated_bytes": estimate,
-        "preprocess": preprocessor.describe(),
-        "data": identity,
-    }
-    plan_path = folder / "plan.json"
-    if plan_path.exists() and json.loads(plan_path.read_text()).get("shards") != shards:
-        raise InputError(folder, "a different build plan exists here; remove the folder")
-    write_json(plan_path, plan)
-    for path, reason in source.listing().skipped:
-        log.warning("skipped %s: %s", path, reason)
-    missing = [i for i in range(len(shards)) if not (folder / _shard_name(i)).is_dir()]
-    if progress:
-        log.warning(
-            "slice cache %s: %d file(s), ~%.2f GB, %d of %d shard(s) to build",
-            folder,
-            count,
-            estimate / 1e9,
-            len(missing),
-            len(shards),
-        )
-    workers = resolve_workers(data.workers if data.workers is not None else workers)
-    config_json = config.model_dump(mode="json")
-    jobs = [(str(folder), i, files[shards[i][0] : shards[i][1]], config_json) for i in missing]
-    bar = progress_bar(
-        total=sum(len(job[2]) for job in jobs), desc="cache", unit="file", enabled=progress
-    )
-    # Workers start by importing torch (seconds each): not worth it for a few hundred files.
-    if workers > 1 and len(jobs) > 1 and count >= MIN_PARALLEL_FILES:
-        for done in ordered_map(_build_file_shard_job, jobs, min(workers, len(jobs)), workers):
-            bar.update(done)
-    else:
-        for job in jobs:
-            bar.update(_build_file_shard(*job, preprocessor=preprocessor))
-    bar.close()
-    _finish_per_slice(folder, len(shards), source, data)
-    return open_slices(folder)
-
-
-INDEX_BYTES_PER_SLICE = 400
-"""Disk for a slice's entries in the shard tables and the final index (an upper bound)."""
-
-
-def _build_file_shard_job(job: tuple) -> int:
-    """Process-pool entry point: one shard of files, preprocessor rebuilt in the worker.
-
-    The pool's workers run one OpenMP thread each (``ichseg.io.workers``), which torch picks
-    up if a resize imports it; without a resize torch is never imported.
-    """
-    return _build_file_shard(*job)
-
-
-def _build_file_shard(
-    folder: str, shard: int, paths: np.ndarray, config_json: dict[str, Any], preprocessor=None
-) -> int:
-    """Parse each file once, write the windows of every decoded slice to the shard's
-    ``images.u8`` and its header fields to ``files.npz``; returns the files handled.
-
-    Files are handled in batches of at most ``PER_SLICE_BATCH`` decoded slices and
-    ``PER_SLICE_BYTES`` of windowed float32, so a worker holds a bounded number of slices
-    whatever the shard size.
-    """
-    from ichseg.config import validate_config
-    from ichseg.io.dicom import parse_file
-    from ichseg.io.dicom_table import DicomTable
-    from ichseg.preprocess.pipeline import Preprocessor
-
-    config = validate_config(config_json, "cache worker")
-    data = config.data
-    preprocessor = preprocessor or Preprocessor.from_parts(data, config.masking, None, config.name)
-    table = DicomTable()
-    tmp = Path(folder) / f".{_shard_name(shard)}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    written = 0
-    try:
-        with open(tmp / "images.u8", "wb") as images:
-            pending: list[tuple[Any, np.ndarray | None]] = []
-
-            def flush() -> None:
-                nonlocal written
-                rows, keep = _window_batch(pending, preprocessor, images, written)
-                written += len(rows)
-                for parsed, _ in pending:
-                    table.append(parsed, rows.get(id(parsed), -1), keep.get(id(parsed), False))
-                pending.clear()
-
-            decoded = windowed = 0
-            for raw_path in paths:
-                parsed = parse_file(Path(os.fsdecode(raw_path)))
-                hu = None
-                if parsed.decoded is not None:
-                    hu, parsed.decoded.hu = parsed.decoded.hu, None
-                    decoded += 1
-                    windowed += hu.size * 4 * len(data.windows)
-                pending.append((parsed, hu))
-                if decoded >= PER_SLICE_BATCH or windowed >= PER_SLICE_BYTES:
-                    flush()
-                    decoded = windowed = 0
-            flush()
-        table.save(tmp / "files.npz")
-        shape = [len(data.windows), data.image_size, data.image_size]
-        write_json(tmp / "meta.json", {"count": written, "shape": shape, "files": len(paths)})
-        os.replace(tmp, Path(folder) / _shard_name(shard))
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return len(paths)
-
-
-def _window_batch(
-    pending: list[tuple[Any, np.ndarray | None]], preprocessor, images, first_row: int
-) -> tuple[dict[int, int], dict[int, bool]]:
-    """Window the decoded slices of ``pending`` (slices of one size together: the preprocessor
-    works on stacks) and append them to ``images``; their rows and slice-filter flags."""
-    from ichseg.volume import CTVolume
-
-    by_shape: dict[tuple[int, ...], list[tuple[Any, np.ndarray]]] = {}
-    for parsed, hu in pending:
-        if hu is not None:
-            by_shape.setdefault(hu.shape, []).append((parsed, hu))
-    rows: dict[int, int] = {}
-    keep: dict[int, bool] = {}
-    row = first_row
-    for items in by_shape.values():
-        stack = np.stack([hu for _, hu in items])
-        # Every unmasked step is per slice, so a stack of unrelated slices gives each slice
-        # what its own volume would.
-        volume = CTVolume(stack, np.eye(4), "", "", np.arange(len(items), dtype=np.float64))
-        prepared = preprocessor(volume)
-        images.write(np.ascontiguousarray(prepared.base).tobytes())
-        for k, (parsed, _) in enumerate(items):
-            rows[id(parsed)] = row + k
-            keep[id(parsed)] = bool(prepared.keep[k])
-        row += len(items)
-    return rows, keep
-
-
-def _finish_per_slice(folder: Path, shard_count: int, source, data: DataConfig) -> None:
-    """Group the cached slices into series with the series reader's rules and write the index
-    (labels, patient and series ids, slice order, 2.5D neighbour rows), then ``done.json``.
-
-    Works on the shards' compact tables only (no pixels), one series at a time.
-    """
-    from ichseg.io.dicom import series_layout
-    from ichseg.io.dicom_table import DicomTable
-    from ichseg.preprocess.windowing import neighbour_index
-
-    tables, total = [], 0
-    for i in range(shard_count):
-        shard = folder / _shard_name(i)
-        meta = json.loads((shard / "meta.json").read_text())
-        table = DicomTable.load(shard / "files.npz")
-        rows = table.columns["image_row"]
-        table.columns["image_row"] = np.where(rows >= 0, rows + total, -1)
-        total += int(meta["count"])
-        tables.append(table)
-    table = DicomTable.concatenate(tables)
-    del tables
-    width = 2 * data.context + 1
-    labels = np.full((total, 6), np.nan, dtype=np.float32)
-    slice_index = np.full(total, -1, dtype=np.int64)
-    trainable = np.zeros(total, dtype=bool)
-    neighbours = np.repeat(np.arange(total, dtype=np.int64)[:, None], width, axis=1)
-    group_code = np.full(total, -1, dtype=np.int64)
-    series_code = np.full(total, -1, dtype=np.int64)
-    file_of_row = np.full(total, -1, dtype=np.int64)
-    image_rows = table.columns["image_row"]
-    used = image_rows >= 0
-    file_of_row[image_rows[used]] = np.flatnonzero(used)
-    groups: list[str] = []
-    group_codes: dict[str, int] = {}
-    series_names: list[str] = []
-    skipped: list[dict[str, str]] = [
-        {"unit": f"file:{path}", "reason": reason}
-        for path, reason, ignored in table.skipped()
-        if not ignored
-    ]
-    for entry in skipped:
-        log.warning("cache: skipped %s: %s", entry["unit"][5:], entry["reason"])
-    attribute_index = np.full(total, -1, dtype=np.int32)
-    records: dict[str, int] = {}
-    for uid, rows in table.series_rows():
-        try:
-            layout = series_layout(table.series(uid, rows))
-        except InputError as error:
-            skipped.append({"unit": f"dicom:{uid}", "reason": str(error)})
-            log.warning("cache: skipped %s", error)
-            continue
-        for warning in layout.warnings:
-            log.info("cache: dicom:%s: %s", uid, warning)
-        metadata_id = str(
-            layout.metadata.get("PatientID") or layout.metadata.get("StudyInstanceUID") or uid
-        )
-        patient = source.patient_id(layout.source, metadata_id)
-        sops = [h.sop_uid for h in layout.headers]
-        volume_labels = source.labels_for(sops, patient)
-        if np.isnan(volume_labels[:, 0]).all():
-            log.info("cache: no labels for any slice of %s", layout.source)
-        by_path = {os.fsdecode(table.columns["path"][r]): r for r in rows}
-        files = np.array([by_path[str(h.path)] for h in layout.headers], dtype=np.int64)
-        volume_rows = image_rows[files]
-        labels[volume_rows] = volume_labels
-        slice_index[volume_rows] = np.arange(len(files))
-        trainable[volume_rows] = ~np.isnan(volume_labels[:, 0]) & table.columns["keep"][files]
-        neighbours[volume_rows] = volume_rows[neighbour_index(len(files), data.context)]
-        if patient not in group_codes:
-            group_codes[patient] = len(groups)
-            groups.append(patient)
-        group_code[volume_rows] = group_codes[patient]
-        record = _layout_attributes(layout, source, patient)
-        attribute_index[volume_rows] = records.setdefault(
-            json.dumps(record, sort_keys=True), len(records)
-        )
-        series_code[volume_rows] = len(series_names)
-        series_names.append(uid)
-    if not trainable.any():
-        raise InputError(data.root, "no usable labelled slices found (see warnings for skips)")
-    sop_bytes = table.columns["sop_uid"][np.maximum(file_of_row, 0)]
-    sop_bytes[file_of_row < 0] = b""
-    write_arrays = {
-        "labels": labels,
-        "classes": np.zeros(0, dtype=np.int64),
-        "groups": _names(groups, group_code),
-        "series": _names(series_names, series_code),
-        "sop_uids": np.char.decode(sop_bytes, "utf-8", "surrogateescape").astype(str),
-        "slice_index": slice_index,
-        "trainable": trainable,
-        "neighbours": neighbours,
-        "attributes": attribute_index,
-    }
-    write_json(folder / "attributes.json", [json.loads(text) for text in records])
-    tmp = folder / f".index.{uuid.uuid4().hex[:8]}.npz"
-    np.savez(tmp, **write_arrays)
-    os.replace(tmp, folder / "index.npz")
-    write_json(folder / "skipped.json", skipped)
-    meta = {"label_level": source.label_level, "has_classes": False, "class_names": None}
-    write_json(folder / "index.json", meta)
-    write_json(
-        folder / "done.json", {"version": CACHE_VERSION, "shards": shard_count, "layout": PER_SLICE}
-    )
-
-
-def _layout_attributes(layout, source, patient: str) -> dict[str, Any]:
-    """A series' scan-attribute record from its headers alone (no pixels at this stage, so
-    no air statistics), merged with the demographics CSV's row as for whole volumes."""
-    from ichseg.io.attributes import FIELDS, header_attributes, merge
-
-    record = header_attributes(layout.metadata)
-    first = layout.headers[0]
-    if record["slice_thickness"] is None and len(layout.slice_positions) > 1:
-        record["slice_thickness"] = round(
-            float(np.median(np.abs(np.diff(layout.slice_positions)))), 4
-        )
-    if first.pixel_spacing is not None and len(first.pixel_spacing) == 2:
-        record["pixel_spacing"] = round(sum(first.pixel_spacing) / 2, 4)
-    record["rows"], record["columns"] = float(first.rows), float(first.columns)
-    record = {name: record.get(name) for name in FIELDS}
-    return merge(record, source.demographics([], layout.series_uid, patient))
-
-
-def _names(names: list[str], codes: np.ndarray) -> np.ndarray:
-    """Strings by code (``""`` for -1), as one numpy string array."""
-    table = np.array([*names, ""], dtype=str)
-    return table[np.where(codes >= 0, codes, len(names))]
-
-
-def _open_per_slice(folder: Path, done: dict[str, Any]) -> SliceSet:
-    arrays, _ = _shard_images(folder, done["shards"])
-    meta = json.loads((folder / "index.json").read_text())
-    with np.load(folder / "index.npz") as index:
-        stored = {name: index[name] for name in index.files}
-    attributes = folder / "attributes.json"
-    records = json.loads(attributes.read_text()) if attributes.exists() else []
-    return SliceSet(
-        images=ShardedImages(arrays),
-        neighbours=stored["neighbours"],
-        labels=stored["labels"],
-        classes=stored["classes"] if meta["has_classes"] else None,
-        class_names=meta["class_names"],
-        groups=stored["groups"],
-        series=stored["series"],
-        sop_uids=stored["sop_uids"],
-        slice_index=stored["slice_index"],
-        trainable=stored["trainable"],
-        label_level=meta["label_level"],
-        folder=folder,
-        attribute_index=stored.get("attributes"),
-        attribute_records=records,
-    )

@@ -21,6 +21,9 @@ Without one, each image is its own group and :attr:`ImageFolderIndex.warnings` s
 
 Pixels are decoded by :func:`load_image` into float32 ``(C, H, W)`` in [0, 1]. These pictures
 are already windowed, so their values are display intensities, not HU.
+
+Class names live in ``ichseg.io.image_classes`` and decoding and finding pictures in
+``ichseg.io.image_files``; their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -33,14 +36,47 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from ichseg.errors import ConfigError, InputError
+from ichseg.io.image_classes import (
+    HEMORRHAGE,
+    HEMORRHAGE_NAMES,
+    NEGATIVE_NAMES,
+    NORMAL,
+    SPECIFIC_SUBTYPES,
+    SUBTYPE_NAMES,
+    canonical_class,
+    multilabel_from_classes,
+    normalise_name,
+    resolve_classes,
+)
+from ichseg.io.image_files import (
+    IMAGE_SUFFIXES,
+    check_image_options,
+    find_images,
+    is_image_file,
+    load_image,
+    verify_image,
+)
 from ichseg.io.labels import csv_rows
-from ichseg.volume import SUBTYPES
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
-"""File suffixes (compared case-insensitively) that count as images in folder layouts."""
+__all__ = [
+    "GROUP_COLUMNS",
+    "HEMORRHAGE",
+    "HEMORRHAGE_NAMES",
+    "IMAGE_COLUMNS",
+    "IMAGE_SUFFIXES",
+    "NEGATIVE_NAMES",
+    "NORMAL",
+    "SUBTYPE_NAMES",
+    "ImageFolderIndex",
+    "canonical_class",
+    "find_images",
+    "load_image",
+    "multilabel_from_classes",
+    "read_image_folder",
+]
+from ichseg.volume import SUBTYPES
 
 IMAGE_COLUMNS: tuple[str, ...] = ("image", "filename", "path")
 """Accepted names of the image column of labels.csv, in order of preference."""
@@ -55,46 +91,7 @@ GROUP_COLUMNS: tuple[str, ...] = (
 )
 """Columns of labels.csv that give the group (patient or study) of an image, in order of
 preference; matched case-insensitively, with spaces and hyphens read as underscores."""
-
-NORMAL = "normal"
-"""Name of the negative class, always class 0."""
-
-HEMORRHAGE = "hemorrhage"
-"""Name of the class of images with a bleed of unspecified subtype."""
-
-NEGATIVE_NAMES: frozenset[str] = frozenset(
-    {"normal", "negative", "none", "no_hemorrhage", "no_haemorrhage", "no_ich", "0"}
-)
-"""Class names (normalised by :func:`canonical_class`) that mean "no hemorrhage"."""
-
-HEMORRHAGE_NAMES: frozenset[str] = frozenset(
-    {"hemorrhage", "haemorrhage", "any", "ich", "bleed", "positive", "1"}
-)
-"""Class names that mean "hemorrhage of unspecified subtype"."""
-
-SUBTYPE_NAMES: dict[str, str] = {
-    "epidural": "epidural",
-    "extradural": "epidural",
-    "edh": "epidural",
-    "intraparenchymal": "intraparenchymal",
-    "iph": "intraparenchymal",
-    "intraventricular": "intraventricular",
-    "ivh": "intraventricular",
-    "subarachnoid": "subarachnoid",
-    "sah": "subarachnoid",
-    "subdural": "subdural",
-    "sdh": "subdural",
-}
-"""Class names (and abbreviations) of the five specific subtypes -> their SUBTYPES name."""
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-# Pillow modes that convert losslessly (apart from dropping alpha) to L or RGB.
-_GRAY_MODES = ("1", "L", "LA", "La")
-_COLOR_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_INT = re.compile(r"[+-]?\d+", re.ASCII)
 _DIGITS = re.compile(r"\d+", re.ASCII)
-_SPECIFIC = SUBTYPES[1:]
 
 
 @dataclass
@@ -184,236 +181,6 @@ class ImageFolderIndex:
         return self.labels_csv if self.labels_csv is not None else self.root
 
 
-def _check_options(channels: int, size: tuple[int, int] | None) -> tuple[int, int] | None:
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    if size is None:
-        return None
-    if len(size) != 2 or any(int(v) != v or v < 1 for v in size):
-        raise ValueError(f"size must be (height, width) with positive integers, got {size!r}")
-    return int(size[0]), int(size[1])
-
-
-# --------------------------------------------------------------------------------------------
-# Pixels
-
-
-def _to_float(image: Image.Image, path: Path) -> np.ndarray:
-    """Pixels as float32 in [0, 1]: ``(H, W)`` for gray sources, ``(H, W, 3)`` for colour."""
-    mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        # "I" is how some Pillow versions hand back 16-bit PNGs; the stored range is 16 bits
-        # either way, so divide by the full range, not by the image's own maximum.
-        values = np.asarray(image).astype(np.float32) / 65535.0
-        return np.clip(values, 0.0, 1.0)
-    if mode in _GRAY_MODES:
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    if mode in ("P", "PA"):
-        # Through RGBA so palette transparency is honoured by Pillow, then alpha is dropped.
-        return np.asarray(image.convert("RGBA"), dtype=np.float32)[..., :3] / 255.0
-    if mode in _COLOR_MODES:
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    raise InputError(path, f"unsupported image mode {mode!r} (expected gray, RGB or palette)")
-
-
-def _resize(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    # Resizing in float ("F" mode) keeps 16-bit precision that an 8-bit round trip would lose.
-    resized = Image.fromarray(channel).resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.float32)
-
-
-def load_image(
-    path: str | Path, channels: int = 3, size: tuple[int, int] | None = None
-) -> np.ndarray:
-    """Decode a PNG/JPG into float32 ``(C, H, W)`` in [0, 1].
-
-    8-bit data is divided by 255 and 16-bit gray by 65535; alpha is dropped (not composited),
-    palettes are expanded, EXIF orientation is applied. Colour to gray uses ITU-R 601 luma.
-
-    Args:
-        path: the image file.
-        channels: 1 (gray) or 3 (RGB; gray sources are repeated).
-        size: ``(h, w)`` to resize to with bilinear filtering, or None for native size.
-
-    Raises:
-        InputError: missing, unreadable or corrupt file, or an unsupported pixel mode.
-        ValueError: bad ``channels`` or ``size``.
-    """
-    size = _check_options(channels, size)
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "image not found")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.getexif().get(0x0112, 1) != 1:
-                image = ImageOps.exif_transpose(image)
-            pixels = _to_float(image, path)
-    except InputError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(path, f"unreadable or corrupt image ({detail})") from None
-    if pixels.ndim == 2:
-        pixels = pixels[None]
-    else:
-        pixels = pixels.transpose(2, 0, 1)
-    if channels == 1 and pixels.shape[0] == 3:
-        pixels = np.tensordot(_LUMA, pixels, axes=1)[None]
-    if size is not None and pixels.shape[1:] != size:
-        pixels = np.stack([_resize(np.ascontiguousarray(c), size) for c in pixels])
-        pixels = np.clip(pixels, 0.0, 1.0)
-    if channels == 3 and pixels.shape[0] == 1:
-        pixels = np.repeat(pixels, 3, axis=0)
-    return np.ascontiguousarray(pixels, dtype=np.float32)
-
-
-def _verify(path: Path) -> None:
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(path, f"unreadable or corrupt image ({detail})") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Class names
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[\s\-]+", "_", name.strip().lower())
-
-
-def canonical_class(label: str) -> str | None:
-    """The class a label names: ``"normal"``, ``"hemorrhage"``, a specific subtype, or None.
-
-    Case, surrounding spaces and the spelling of separators are ignored (``No Hemorrhage``,
-    ``no-hemorrhage`` and ``NO_HEMORRHAGE`` are the same name).
-
-    Args:
-        label: a class name as written in a label column or a class folder name.
-    """
-    key = _normalise(label)
-    if key in NEGATIVE_NAMES:
-        return NORMAL
-    if key in HEMORRHAGE_NAMES:
-        return HEMORRHAGE
-    return SUBTYPE_NAMES.get(key)
-
-
-def _resolve_classes(labels: list[str], where: Path) -> tuple[list[str], np.ndarray, list[str]]:
-    """Class names, int64 target per label, and warnings, by the rules of the module docstring."""
-    warnings: list[str] = []
-    if all(_INT.fullmatch(label) for label in labels):
-        numbers = [int(label) for label in labels]
-        if min(numbers) < 0:
-            raise InputError(where, f"negative class index {min(numbers)} in the labels")
-        if max(numbers) > 1:
-            # Integers beyond 0/1 are class indices already; keep them, so that a gap (no class
-            # 1 in this subset) does not renumber the classes relative to other subsets.
-            top = max(numbers)
-            warnings.append(
-                f"integer labels 0-{top}: class 0 is 'normal', classes 1-{top} have no names; "
-                "multilabel targets count them as hemorrhage (any=1) with unknown subtypes"
-            )
-            classes = [NORMAL] + [str(i) for i in range(1, top + 1)]
-            return classes, np.asarray(numbers, dtype=np.int64), warnings
-    names = [canonical_class(label) or label.strip().lower() for label in labels]
-    present = set(names)
-    known = (NORMAL, HEMORRHAGE, *_SPECIFIC)
-    unknown = sorted(present.difference(known))
-    if len(unknown) == len(present):
-        warnings.append(
-            f"no class ({', '.join(unknown)}) is a normal, hemorrhage or subtype name; "
-            "multiclass training works, six-label (multilabel) targets are unavailable"
-        )
-        classes = unknown
-    else:
-        classes = [NORMAL]
-        if present <= {NORMAL, HEMORRHAGE}:
-            classes.append(HEMORRHAGE)
-        else:
-            classes += [name for name in known[1:] if name in present]
-        classes += unknown
-        if unknown:
-            warnings.append(
-                f"class(es) {', '.join(unknown)} are not hemorrhage or subtype names; "
-                "multilabel targets count them as hemorrhage (any=1) with unknown subtypes"
-            )
-    position = {name: i for i, name in enumerate(classes)}
-    return classes, np.asarray([position[n] for n in names], dtype=np.int64), warnings
-
-
-def multilabel_from_classes(
-    targets: np.ndarray,
-    classes: list[str],
-    exclusive_subtypes: bool = True,
-    where: str | Path | None = None,
-) -> np.ndarray:
-    """Six-label targets ``(N, 6)`` float32 in SUBTYPES order from one class per image.
-
-    ``any`` is 0 for the normal class and 1 for every other class. A subtype column is 1 when
-    the class names that subtype; 0 for normal images; 0 for images of another subtype when
-    ``exclusive_subtypes`` (one class per image means one subtype), NaN otherwise; and NaN for
-    a bleed of unspecified subtype or an unrecognised class, so that a loss can skip it.
-
-    Args:
-        targets: int class index per image.
-        classes: class names, read with :func:`canonical_class`.
-        exclusive_subtypes: whether an image of one subtype has none of the others.
-        where: file or folder named in the error.
-
-    Raises:
-        InputError: no class is a normal, hemorrhage or subtype name (nothing to map).
-    """
-    kinds = [canonical_class(name) for name in classes]
-    if all(kind is None for kind in kinds):
-        raise InputError(
-            where,
-            f"no class ({', '.join(classes)}) is a normal, hemorrhage or subtype name; "
-            "six-label targets need class names such as normal, hemorrhage, epidural or SDH",
-        )
-    table = np.full((len(classes), len(SUBTYPES)), np.nan, dtype=np.float32)
-    for row, kind in zip(table, kinds, strict=True):
-        if kind == NORMAL:
-            row[:] = 0.0
-        elif kind in _SPECIFIC:
-            row[0] = 1.0
-            if exclusive_subtypes:
-                row[1:] = 0.0
-            row[SUBTYPES.index(kind)] = 1.0
-        else:
-            row[0] = 1.0
-    return table[np.asarray(targets, dtype=np.int64)]
-
-
-# --------------------------------------------------------------------------------------------
-# Files
-
-
-def _is_image(path: Path) -> bool:
-    # Dot files include macOS "._name.png" resource forks, which are not images.
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-
-
-def find_images(folder: str | Path) -> list[Path]:
-    """Every PNG/JPG file under a folder, sorted, skipping dot files and dot folders.
-
-    Args:
-        folder: the folder to search recursively.
-    """
-    folder = Path(folder)
-    found = []
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder).parts
-        if any(part.startswith(".") for part in relative[:-1]):
-            continue
-        if _is_image(path) and path.is_file():
-            found.append(path)
-    return sorted(found)
-
-
 class _ImageFinder:
     """Turns the image column of labels.csv into files, names first, numeric ids second."""
 
@@ -485,7 +252,7 @@ class _Layout:
 def _folder_layout(root: Path) -> _Layout:
     warnings: list[str] = []
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    loose = [p for p in root.iterdir() if p.is_file() and _is_image(p)]
+    loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
     paths: list[Path] = []
     labels: list[str] = []
     groups: list[str | None] = []
@@ -541,7 +308,7 @@ def _unit_float(csv_path: Path, line: int, column: str, value: str) -> float:
 
 
 def _group_column(header: list[str]) -> int | None:
-    normalised = [_normalise(name) for name in header]
+    normalised = [normalise_name(name) for name in header]
     for wanted in GROUP_COLUMNS:
         if wanted in normalised:
             return normalised.index(wanted)
@@ -561,7 +328,7 @@ def _csv_layout(root: Path, csv_path: Path) -> _Layout:
     group_col = _group_column(header)
     # With only the five specific subtypes, "any" is their maximum, so a table that leaves it
     # out is still multilabel rather than unusable.
-    multilabel = all(s in lower for s in _SPECIFIC)
+    multilabel = all(s in lower for s in SPECIFIC_SUBTYPES)
     if not multilabel and "label" not in lower:
         raise InputError(
             csv_path,
@@ -586,7 +353,7 @@ def _csv_layout(root: Path, csv_path: Path) -> _Layout:
         paths.append(full)
         groups.append((cells[group_col] or None) if group_col is not None else None)
         if multilabel:
-            vector = [_unit_float(csv_path, line, s, cells[lower[s]]) for s in _SPECIFIC]
+            vector = [_unit_float(csv_path, line, s, cells[lower[s]]) for s in SPECIFIC_SUBTYPES]
             any_value = (
                 _unit_float(csv_path, line, "any", cells[lower["any"]])
                 if "any" in lower
@@ -706,7 +473,7 @@ def read_image_folder(
             corrupt image (with ``verify``), an image path that ``group_pattern`` misses.
         ConfigError: ``group_pattern`` is not a regex with a named group ``group``.
     """
-    size = _check_options(channels, size)
+    size = check_image_options(channels, size)
     root = Path(root)
     if not root.exists():
         raise InputError(root, "image folder not found")
@@ -726,11 +493,11 @@ def read_image_folder(
         task: Literal["multiclass", "multilabel"] = "multilabel"
         class_warnings: list[str] = []
     else:
-        classes, targets, class_warnings = _resolve_classes(layout.labels, csv_path or root)
+        classes, targets, class_warnings = resolve_classes(layout.labels, csv_path or root)
         task = "multiclass"
     if verify:
         for path in layout.paths:
-            _verify(path)
+            verify_image(path)
     return ImageFolderIndex(
         paths=layout.paths,
         targets=targets,

@@ -147,12 +147,13 @@ class _Prefetcher:
         the series is left to ``read_series`` (too large, no room, nothing to decode)."""
         from multiprocessing import shared_memory
 
-        from ichseg.io.dicom import _pixel_problem, max_volume_bytes
+        from ichseg.io.dicom_header import max_volume_bytes
+        from ichseg.io.dicom_pixels import pixel_problem
 
         slots: dict[str, tuple[int, int, int]] = {}
         offset = 0
         for header in series.headers:
-            if _pixel_problem(header) is None:
+            if pixel_problem(header) is None:
                 slots[str(header.path)] = (offset, header.rows, header.columns)
                 offset += header.rows * header.columns * 4
         if not slots or offset > min(max_volume_bytes(), PREFETCH_BYTES):

@@ -86,10 +86,10 @@ def volume_views(
         prediction: :func:`ichseg.inference.predict_volume` of it.
         batch_size: slices per Grad-CAM pass (bounds memory on long series).
     """
-    from ichseg.inference import _crop_box, gradcam_maps, native_heatmap
+    from ichseg.inference.gradcam import gradcam_maps, input_crop_box, native_heatmap
 
     native = volume.shape[1:]
-    box = _crop_box(predictor, volume, prediction.mask)
+    box = input_crop_box(predictor, volume, prediction.mask)
     region_shape = (box[1] - box[0], box[3] - box[2]) if box else native
     region = None
     if box is not None:
@@ -127,7 +127,7 @@ def volume_views(
 
 def picture_views(predictor: Any, path: Path) -> dict[str, Any]:
     """One windowed PNG/JPG (models trained on pictures) with its Grad-CAM at native size."""
-    from ichseg.inference import gradcam_maps, native_heatmap
+    from ichseg.inference.gradcam import gradcam_maps, native_heatmap
     from ichseg.io.images import load_image
 
     shown = load_image(path, channels=3)  # the picture as the model reads it (EXIF-oriented)

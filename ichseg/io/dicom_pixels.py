@@ -1,0 +1,355 @@
+"""DICOM pixels to Hounsfield units, and the single-pass parse of one file.
+
+:func:`hu_from_stored` applies RescaleSlope/Intercept and the RSNA 12-bit intercept fix;
+:func:`decode_slice` decodes one file's pixels to HU; :func:`parse_file` reads a file once for
+both its header and its pixels (the single pass of the fast readers). What happens to a slice
+whose pixels cannot be used is described in :mod:`ichseg.io.dicom`.
+"""
+
+from __future__ import annotations
+
+import warnings as py_warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ichseg.errors import InputError, one_line
+from ichseg.io.dicom_header import (
+    TRANSFER_SYNTAX_NAMES,
+    UNCOMPRESSED_SYNTAXES,
+    ElementValues,
+    NotAnImage,
+    SliceHeader,
+    as_float,
+    as_int,
+    checked_file_size,
+    header_from_dataset,
+    looks_like_raw_dataset,
+    max_slice_pixels,
+    quiet_pydicom,
+    read_header_dataset,
+    tag_number,
+    unusable_reason,
+)
+from ichseg.volume import AIR_HU
+
+# Values at or below this (after rescale) are padding or outside the reconstruction circle.
+OUT_OF_FIELD_HU = -1500.0
+# Stored values in this range are air when they already are HU (no rescale needed).
+AIR_STORED_RANGE = (-1100.0, -900.0)
+
+
+def hu_from_stored(
+    stored: np.ndarray,
+    slope: float,
+    intercept: float,
+    bits_stored: int | None = None,
+    pixel_representation: int | None = None,
+    padding_value: float | None = None,
+) -> tuple[np.ndarray, bool]:
+    """Convert stored pixel values to HU.
+
+    Applies the RSNA 12-bit fix: files with BitsStored 12, unsigned pixels and an intercept
+    above -100 hold HU wrapped into 12 bits; adding 1000, wrapping values >= 4096 and using
+    intercept -1000 restores them. Padding and out-of-field values become air.
+
+    Returns:
+        The HU array (float32) and whether the 12-bit fix was applied.
+    """
+    values = stored.astype(np.float32)
+    padding = None if padding_value is None else stored == padding_value
+    fixed = bits_stored == 12 and pixel_representation == 0 and intercept > -100
+    if fixed:
+        values = values + 1000.0
+        values[values >= 4096.0] -= 4096.0
+        intercept = -1000.0
+    hu = values * np.float32(slope) + np.float32(intercept)
+    if padding is not None:
+        hu[padding] = AIR_HU
+    hu[hu <= OUT_OF_FIELD_HU] = AIR_HU
+    return hu, fixed
+
+
+@dataclass
+class DecodedSlice:
+    """One slice in HU and how its rescale was obtained.
+
+    ``hu`` is None where the pixels went elsewhere (the slice cache keeps only its windows);
+    ``shape`` is always the decoded ``(rows, columns)``. ``stored_range`` and ``has_air`` (what
+    the rescale rule looks at) are measured only when ``intercept_missing``, else (0, 0) and
+    False.
+    """
+
+    hu: np.ndarray | None
+    fixed_12bit: bool
+    slope_assumed: bool
+    intercept_missing: bool
+    signed: bool
+    stored_range: tuple[float, float]
+    has_air: bool
+    shape: tuple[int, int] = (0, 0)
+
+
+def pixel_problem(header: SliceHeader) -> str | None:
+    """Why a slice's pixels cannot be decoded safely, from its header alone (before allocating)."""
+    if header.samples_per_pixel not in (None, 1):
+        return f"SamplesPerPixel {header.samples_per_pixel} (colour image), not a CT slice"
+    pixels = header.rows * header.columns * header.frames
+    limit = max_slice_pixels()
+    if pixels > limit:
+        return (
+            f"header claims {header.rows}x{header.columns} pixels, above the limit of {limit} "
+            "(set ICHSEG_MAX_SLICE_PIXELS to allow more)"
+        )
+    if header.file_size is not None and header.transfer_syntax in UNCOMPRESSED_SYNTAXES | {""}:
+        bits = header.bits_allocated or 8
+        needed = (pixels * (header.samples_per_pixel or 1) * bits + 7) // 8
+        if needed > header.file_size:
+            return (
+                f"header claims {header.rows}x{header.columns} pixels of {bits} bits "
+                f"({needed} bytes) but the file holds {header.file_size} bytes (truncated?)"
+            )
+    return None
+
+
+def _rescale_value(values: ElementValues, keyword: str) -> tuple[float | None, str | None]:
+    """(value, None), (None, None) when absent, or (None, reason) when present but unusable."""
+    element = values.get(keyword)
+    if element is None or element == "":
+        return None, None
+    value = as_float(element)
+    if value is None or not np.isfinite(value):
+        return None, f"{keyword} {element!r} is not a finite number: HU cannot be computed"
+    return value, None
+
+
+def decode_slice(path: Path) -> DecodedSlice:
+    """Decode one DICOM file to HU (float32, (rows, columns)).
+
+    A missing RescaleSlope is taken as 1 (``slope_assumed``); a missing RescaleIntercept as 0
+    (``intercept_missing``), which the series reader only accepts when the stored values
+    already look like HU.
+
+    Raises:
+        InputError: the pixels cannot be decoded, or the rescale is present but unusable
+            (RescaleSlope 0 or not a finite number).
+    """
+    return _decode_dataset(path, _dcmread_full(path))
+
+
+def _dcmread_full(path: Path):
+    """The whole dataset, pixels included (raw dumps without a preamble too)."""
+    pydicom = quiet_pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    with py_warnings.catch_warnings():
+        py_warnings.simplefilter("ignore")
+        try:
+            try:
+                return pydicom.dcmread(path)
+            except InvalidDicomError:
+                # No preamble: read it anyway when it starts like a raw dataset.
+                if not looks_like_raw_dataset(path):
+                    raise
+                return pydicom.dcmread(path, force=True)
+        except Exception as error:
+            raise InputError(path, f"cannot read file ({one_line(error)})") from None
+
+
+# Uncompressed little-endian syntaxes: the pixel bytes can go to pydicom's decoder as they are.
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+# Image Pixel module elements -> pydicom decoding options (``as_pixel_options``).
+_PIXEL_OPTIONS = {
+    "SamplesPerPixel": "samples_per_pixel",
+    "PhotometricInterpretation": "photometric_interpretation",
+    "PlanarConfiguration": "planar_configuration",
+    "NumberOfFrames": "number_of_frames",
+    "Rows": "rows",
+    "Columns": "columns",
+    "BitsAllocated": "bits_allocated",
+    "BitsStored": "bits_stored",
+    "PixelRepresentation": "pixel_representation",
+}
+_OTHER_PIXEL_DATA = (0x7FE00008, 0x7FE00009, 0x7FE00001)  # float, double, extended offsets
+
+
+def _stored_pixels(ds, values: ElementValues) -> np.ndarray:
+    """``pydicom.pixels.pixel_array(ds)`` (what ``ds.pixel_array`` returns).
+
+    For uncompressed little-endian data the decoder is given the pixel bytes and the Image
+    Pixel options that ``pixel_array(ds)`` would collect from the dataset (the same options,
+    validation and processing, without converting the group 0028 elements a second time);
+    anything else goes through ``pixel_array(ds)`` itself.
+    """
+    from pydicom.dataelem import RawDataElement
+    from pydicom.pixels import get_decoder, pixel_array
+
+    syntax = values.transfer_syntax
+    raw = ds.get_item(0x7FE00010)
+    if (
+        syntax not in _NATIVE_LITTLE_ENDIAN
+        or not isinstance(raw, RawDataElement)
+        or raw.value is None
+        or any(tag in ds for tag in _OTHER_PIXEL_DATA)
+    ):
+        return pixel_array(ds)
+    options: dict[str, Any] = {}
+    for keyword, option in _PIXEL_OPTIONS.items():
+        if tag_number(keyword) in ds:
+            options[option] = values.get(keyword)
+    frames = options.get("number_of_frames", 1)
+    frames = int(frames) if isinstance(frames, str) else frames
+    options["number_of_frames"] = 1 if frames in (None, 0) else frames
+    options["pixel_keyword"] = "PixelData"
+    options["pixel_vr"] = raw.VR or "OW"
+    return get_decoder(syntax).as_array(raw.value, **options)[0]
+
+
+def _decode_dataset(path: Path, ds, values: ElementValues | None = None) -> DecodedSlice:
+    """:func:`decode_slice` on a dataset already read in full."""
+    values = values or ElementValues(ds)
+    with py_warnings.catch_warnings():
+        py_warnings.simplefilter("ignore")
+        if "PixelData" not in ds:
+            raise InputError(path, "no PixelData element (truncated file or no image)")
+        if not values.transfer_syntax:
+            values.transfer_syntax = _fill_transfer_syntax(ds)
+        try:
+            stored = _stored_pixels(ds, values)
+        except Exception as error:  # each decoder plugin raises its own types
+            syntax = values.transfer_syntax
+            name = TRANSFER_SYNTAX_NAMES.get(syntax, syntax)
+            raise InputError(
+                path, f"cannot decode pixel data ({name}): {one_line(error)}"
+            ) from None
+    if stored.ndim != 2:
+        raise InputError(path, f"expected one 2D frame, got pixel array shape {stored.shape}")
+    slope, problem = _rescale_value(values, "RescaleSlope")
+    if problem is None and slope == 0:
+        problem = "RescaleSlope is 0: HU cannot be computed"
+    intercept, intercept_problem = _rescale_value(values, "RescaleIntercept")
+    if problem or intercept_problem:
+        raise InputError(path, problem or intercept_problem)
+    padding = as_float(values.get("PixelPaddingValue"))
+    pixel_representation = as_int(values.get("PixelRepresentation"))
+    hu, fixed = hu_from_stored(
+        stored,
+        slope=1.0 if slope is None else slope,
+        intercept=0.0 if intercept is None else intercept,
+        bits_stored=as_int(values.get("BitsStored")),
+        pixel_representation=pixel_representation,
+        padding_value=padding,
+    )
+    # What the rescale rule looks at, needed only for a slice without RescaleIntercept.
+    low = high = 0.0
+    has_air = False
+    if intercept is None:
+        low, high = float(stored.min()), float(stored.max())
+        air = (stored >= AIR_STORED_RANGE[0]) & (stored <= AIR_STORED_RANGE[1])
+        has_air = bool(air.any())
+    return DecodedSlice(
+        hu=hu,
+        fixed_12bit=fixed,
+        slope_assumed=slope is None,
+        intercept_missing=intercept is None,
+        signed=pixel_representation == 1 or np.issubdtype(stored.dtype, np.signedinteger),
+        stored_range=(low, high),
+        has_air=has_air,
+        shape=(int(hu.shape[0]), int(hu.shape[1])),
+    )
+
+
+@dataclass
+class ParsedFile:
+    """What one parse of one file gives: its header and, from the same read, its pixels.
+
+    Exactly one of ``header``, ``skipped`` and ``ignored`` is set. With a header, ``decoded``
+    holds the pixels when they could be used, else ``decode_error`` says why not (the slice is
+    then dropped from its series with that reason); both are None when decoding was not asked
+    for or the header already rules the pixels out (``pixel_problem``).
+    """
+
+    path: Path
+    header: SliceHeader | None = None
+    decoded: DecodedSlice | None = None
+    decode_error: str | None = None
+    skipped: str | None = None
+    ignored: str | None = None
+
+
+def parse_file(path: str | Path, decode: bool = True) -> ParsedFile:
+    """Read one file once: its header for grouping and sorting, and its pixels in HU.
+
+    The single pass of the fast readers. Outcomes are those of :func:`read_header` followed by
+    :func:`decode_slice`: the same header values, the same skip and drop reasons. A file whose
+    full read fails (truncated pixel data) is read again header-only, so that it is dropped
+    from its series, as the two-pass reader does, rather than skipped.
+
+    Args:
+        path: the file.
+        decode: also decode the pixels (False: header only, like :func:`read_header`).
+    """
+    path = Path(path)
+    with py_warnings.catch_warnings():
+        py_warnings.simplefilter("ignore")
+        try:
+            return _parse(path, decode)
+        except NotAnImage as other:
+            return ParsedFile(path, ignored=other.reason)
+        except InputError as error:
+            return ParsedFile(path, skipped=error.reason)
+
+
+def _parse(path: Path, decode: bool) -> ParsedFile:
+    file_size = checked_file_size(path)
+    ds, read_error = None, None
+    if decode:
+        try:
+            ds = _dcmread_full(path)
+        except InputError as error:
+            read_error = error.reason
+    if ds is None:
+        values = None
+        header = header_from_dataset(path, read_header_dataset(path), file_size)
+    else:
+        values = ElementValues(ds)
+        header = header_from_dataset(path, ds, file_size, values)
+    parsed = ParsedFile(path, header=header)
+    reason = unusable_reason(header)
+    if reason:
+        return ParsedFile(path, skipped=reason)
+    if not decode or pixel_problem(header):
+        return parsed
+    if ds is None:
+        parsed.decode_error = read_error
+        return parsed
+    try:
+        parsed.decoded = _decode_dataset(path, ds, values)
+    except InputError as error:
+        parsed.decode_error = error.reason
+    return parsed
+
+
+def _fill_transfer_syntax(ds) -> str:
+    """Give a dataset read without file meta (old raw dumps) the syntax it was read with;
+    returns the dataset's transfer syntax."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import (
+        ExplicitVRBigEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    )
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return str(meta.TransferSyntaxUID)
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    return str(meta.TransferSyntaxUID)
