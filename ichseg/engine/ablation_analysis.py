@@ -360,6 +360,15 @@ def write_ablation_markdown(report: dict[str, Any], path: Path) -> Path:
         "probabilities by the runs' rule and take a series as positive when any slice is. "
         f"Macro AUROC is over the fixed class set {', '.join(report['macro_classes'])}.",
         "",
+        *(
+            [
+                "**One training seed per rung**: the intervals cover test-patient sampling "
+                "only, not seed-to-seed variation; run three or more seeds for that.",
+                "",
+            ]
+            if min(row["seeds"] for row in table) < 2
+            else []
+        ),
         format_table(table),
         "",
         "## Each rung against the previous one (same test patients)",
