@@ -113,7 +113,7 @@ class _WorkerWatch:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One cache build in this (fresh) process; its figures as a dict."""
     from ichseg.config import load_config
-    from ichseg.engine import cache, sources
+    from ichseg.engine import cache, cache_per_slice, sources
 
     stages: dict[str, float] = {}
 
@@ -130,7 +130,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         setattr(owner, name, wrapper)
 
     timed(sources.CTFileSource, "listing", "listing")
-    timed(cache, "_finish_per_slice", "assemble_series")
+    timed(cache_per_slice, "_finish_per_slice", "assemble_series")
     config = load_config(
         extra={
             "name": "bench-flat",
