@@ -14,6 +14,7 @@ Layout of a bundle ``B``::
                                      backbone whose slice embeddings it reads)
     B/models/tta-<name>/             thresholds and calibration fitted with TTA (if any)
     B/models/segmenter.pt            U-Net intracranial segmenter (when one is available)
+    B/models/hemorrhage_segmenter.pt hemorrhage U-Net for label maps and volumes (if given)
     B/docs/README.md, B/LICENSE
 
 Run it with::
@@ -197,8 +198,10 @@ def build_metadata(
     description = description or (
         f"{config.model.name} classifier of intracranial hemorrhage on head CT slices "
         f"({config.data.in_channels}-channel windowed {size}x{size} input{masked}).{sequence} "
-        "Predicts per-slice probabilities and aggregates them per series; writes an "
-        "intracranial mask and Grad-CAM overlays for positive series."
+        "Predicts per-slice probabilities (calibrated on validation when the run was) and "
+        "aggregates them per series; writes an intracranial mask and Grad-CAM overlays for "
+        "positive series, and hemorrhage label maps with volumes in ml when the bundle carries "
+        "a hemorrhage segmenter."
     )
     classes = ", ".join(names)
     label_text = (
@@ -461,6 +464,13 @@ def export_bundle(
 
     checkpoint, config, head = _load_run(run_dir)
     thresholds = load_thresholds(run_dir / THRESHOLDS_FILE, config.task.class_names)
+    from ichseg.engine.calibrate import serving_calibration
+
+    # Refused now rather than when someone runs the bundle: a calibration that is not the one
+    # the thresholds were chosen under.
+    serving_calibration(
+        run_dir / CALIBRATION_FILE, thresholds, config.task.class_names, config.task.mode
+    )
     _check_target(run_dir, out_dir, overwrite)
     segmenter_path = _segmenter_source(run_dir, config, segmenter)
     hemorrhage_path = _hemorrhage_source(run_dir, hemorrhage_segmenter)

@@ -480,7 +480,8 @@ def predict(
         bool | None,
         typer.Option(
             "--compile/--no-compile",
-            help="Compile the classifier (pays after ~20 studies; default: ICHSEG_COMPILE).",
+            help="Compile the classifier (pays after ~20 studies; not sequence models' "
+            "backbones; default: ICHSEG_COMPILE).",
         ),
     ] = None,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ichseg.cli import app
+from ichseg.errors import InputError
+from ichseg.inference import load_models
 
 runner = CliRunner()
 COMMON = ["--quiet", "--no-gradcam"]
@@ -82,6 +85,13 @@ def test_ensemble_of_three_on_dicom_and_nifti(
             assert float(row["sd_any"]) == pytest.approx(per_member[:, 0].std(ddof=1), abs=2e-6)
             assert float(row["sd_any"]) > 0 and row["members"] == "3"
             assert {f"sd_{n}" for n in names} <= set(row)
+        # The averaged thresholds behind the label columns are recorded with the run.
+        info = json.loads((out / "predict_info.json").read_text())
+        applied = info["ensemble"]["applied_thresholds"]["series"]
+        for row in series:
+            for n in names:
+                positive = applied[n] is not None and float(row[n]) >= applied[n]
+                assert row[f"label_{n}"] == str(int(positive))
 
 
 def test_members_must_predict_the_same_classes(
@@ -108,6 +118,24 @@ def test_members_must_predict_the_same_classes(
     assert len(lines) == 1 and "cannot join the ensemble" in lines[0]
     assert "class names" in lines[0] and str(other) in lines[0]
     assert not out.exists()
+
+
+def test_members_must_score_the_same_slices(members: list[Path], tmp_path: Path) -> None:
+    """A member with another slice filter would leave slices half-scored: refused."""
+    import yaml
+
+    from ichseg.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    other = tmp_path / "filtered"
+    shutil.copytree(members[1], other)
+    state = load_checkpoint(other / "best.pt")
+    state["config"]["data"]["min_brain_fraction"] = 0.2
+    save_checkpoint(state, other / "best.pt")
+    saved = yaml.safe_load((other / "config.yaml").read_text())
+    saved["data"]["min_brain_fraction"] = 0.2
+    (other / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(InputError, match="slice filter"):
+        load_models([members[0], other], device="cpu")
 
 
 def test_forgotten_out_is_refused_and_input_untouched(

@@ -405,3 +405,44 @@ def test_report_of_a_label_without_threshold(series, tmp_path):
     report = read_structured_report(path)
     assert "epidural" not in report["thresholds"] and len(report["thresholds"]) == 5
     assert report["findings"]["epidural"] == 0 and report["findings"]["any"] == 1
+
+
+def test_an_output_that_cannot_be_written_costs_only_that_output(
+    trained_run, phantom_dir, tmp_path
+):
+    """A series whose files lack a frame of reference gets no DICOM SEG (highdicom refuses it),
+    but keeps its probabilities, and the other series are untouched: exit 3, reason listed."""
+    source = tmp_path / "dicom"
+    studies = sorted(p for p in (phantom_dir / "dicom").iterdir() if p.is_dir())[:2]
+    for study_dir in studies:
+        shutil.copytree(study_dir, source / study_dir.name)
+    broken = source / studies[0].name
+    for path in sorted(broken.glob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        del dataset.FrameOfReferenceUID
+        dataset.save_as(path)
+    out = tmp_path / "predicted"
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(trained_run),
+            str(source),
+            str(out),
+            "--output-format",
+            "dicom-seg",
+            "--no-gradcam",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 3, result.output
+    rows = {Path(r["source"]).name: r for r in read_csv(out / "series.csv")}
+    assert set(rows) == {s.name for s in studies}
+    assert rows[studies[1].name]["seg"] and (out / rows[studies[1].name]["seg"]).is_file()
+    assert not rows[studies[0].name].get("seg")
+    assert rows[studies[0].name]["label_any"] in ("0", "1")
+    reasons = [r["reason"] for r in read_csv(out / "skipped.csv")]
+    assert len(reasons) == 1 and reasons[0].startswith("masks: ValueError")
+    assert len(read_csv(out / "predictions.csv")) == sum(
+        len(list(s.glob("*.dcm"))) for s in studies
+    )

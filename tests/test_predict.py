@@ -265,3 +265,42 @@ def test_series_labels_use_series_thresholds(
         assert row["label_any"] == "0"
         own = [float(r["any"]) for r in slices if r["series_uid"] == row["series_uid"]]
         assert float(row["any"]) == pytest.approx(max(own), abs=1e-5)  # the run's rule: max
+
+
+def test_a_multiclass_run_is_served_with_most_probable_class_labels(
+    phantom_dir: Path, tmp_path: Path
+) -> None:
+    """Multiclass runs write a thresholds file without thresholds (rule argmax) and predict
+    labels each slice with its most probable class and each series with every such class."""
+    from conftest import TINY_CONFIG
+
+    from ichseg.config import load_config
+    from ichseg.engine.checkpoint import ARGMAX_RULE, load_thresholds
+    from ichseg.engine.train import train
+
+    data = TINY_CONFIG["data"] | {"cache_dir": str(tmp_path / "cache")}
+    config = load_config(
+        extra=TINY_CONFIG | {"data": data, "task": {"mode": "multiclass", "classes": None}}
+    )
+    run = tmp_path / "run"
+    train(config, run, progress=False)
+    names = config.task.class_names
+    assert load_thresholds(run / "thresholds.json", names).rule == ARGMAX_RULE
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["predict", str(run), str(phantom_dir / "dicom"), str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    with open(out / "predictions.csv", newline="") as handle:
+        slices = list(csv.DictReader(handle))
+    with open(out / "series.csv", newline="") as handle:
+        series = {row["source"]: row for row in csv.DictReader(handle)}
+    found: dict[str, set[str]] = {}
+    for row in slices:
+        labels = [n for n in names if row[f"label_{n}"] == "1"]
+        best = max(names, key=lambda n: float(row[n]))
+        assert labels == [best]
+        found.setdefault(row["source"], set()).add(best)
+    for source, classes in found.items():
+        assert {n for n in names if series[source][f"label_{n}"] == "1"} == classes

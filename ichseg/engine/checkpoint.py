@@ -192,6 +192,11 @@ def load_classifier(path: str | Path) -> tuple[RunConfig, Any, dict[str, Any]]:
     return config, model, state
 
 
+ARGMAX_RULE = "argmax"
+"""The labels rule of multiclass runs: a slice's label is its most probable class; a series
+holds every class some scored slice was labelled with. Such thresholds files carry no values."""
+
+
 @dataclass
 class Thresholds:
     """Operating thresholds chosen on validation data, for slices and for aggregated series.
@@ -201,7 +206,8 @@ class Thresholds:
         series: class name -> threshold for the series probability (aggregated by
             ``aggregation``), chosen on validation series, not copied from slices.
         aggregation: the series rule the series thresholds were chosen for.
-        rule: how they were chosen (``youden`` or ``f1``).
+        rule: how they were chosen (``youden`` or ``f1``), or ``argmax`` (:data:`ARGMAX_RULE`)
+            for multiclass runs, whose labels need no threshold.
         calibration: the calibration method applied to the validation probabilities they were
             chosen on (``none``: the raw model output); thresholds apply to probabilities
             calibrated the same way.

@@ -29,6 +29,7 @@ import numpy as np
 from ichseg.config import RunConfig
 from ichseg.engine.cache import SliceSet, build_slices
 from ichseg.engine.checkpoint import (
+    ARGMAX_RULE,
     BEST,
     CALIBRATION_FILE,
     EVAL_DIR,
@@ -189,7 +190,7 @@ def evaluate_run(
         progress: progress output while caching.
         tta: average the probabilities (sequence runs: the embeddings) over these views.
     """
-    from ichseg.engine.calibrate import calibration_summary
+    from ichseg.engine.calibrate import calibration_summary, save_calibration
     from ichseg.engine.report import write_report, write_subgroups
 
     if split not in EVAL_SPLITS:
@@ -210,15 +211,19 @@ def evaluate_run(
     raw = val_raw if split == "val" else scorer.probabilities(slices, rows[split], tta, timer)
     seconds = time.perf_counter() - started
     idx = rows[split]
-    calibration, val_prob, prob = _calibrate(
-        run_dir, config, slices, rows["val"], val_raw, raw, tta
-    )
+    calibration, val_prob, prob = _calibrate(config, slices, rows["val"], val_raw, raw, tta)
     metrics, truth, thresholds = score_rows(
         config, slices, rows["val"], val_prob, idx, prob, calibration.method
     )
-    if thresholds is not None:
-        thresholds.calibrator = calibration.calibrator.to_dict()
-        save_thresholds(thresholds, serving_dir(run_dir, tta and tta.name) / THRESHOLDS_FILE)
+    serving = thresholds or Thresholds(  # multiclass: labels are the most probable class
+        {}, {}, config.eval.aggregation, ARGMAX_RULE, calibration.method
+    )
+    serving.calibrator = calibration.calibrator.to_dict()
+    # Written together, after everything is fitted: predict refuses a calibration that does
+    # not match the thresholds beside it.
+    folder = serving_dir(run_dir, tta and tta.name)
+    save_calibration(calibration, folder / CALIBRATION_FILE)
+    save_thresholds(serving, folder / THRESHOLDS_FILE)
     metrics["split"] = split
     metrics["scored_on"] = (
         "test split (held out; scored once)"
@@ -243,7 +248,6 @@ def evaluate_run(
 
 
 def _calibrate(
-    run_dir: Path,
     config: RunConfig,
     slices: SliceSet,
     val_rows: np.ndarray,
@@ -251,8 +255,8 @@ def _calibrate(
     raw: np.ndarray,
     tta: TestTimeAugmentation | None,
 ):
-    """Fit calibration on validation, save it, and return it with the calibrated probabilities."""
-    from ichseg.engine.calibrate import fit_run_calibration, save_calibration
+    """Fit calibration on validation; return it with the calibrated probabilities."""
+    from ichseg.engine.calibrate import fit_run_calibration
 
     labels = (
         slices.labels[val_rows]
@@ -267,7 +271,6 @@ def _calibrate(
         slices.label_level,
         tta.name if tta is not None else "none",
     )
-    save_calibration(calibration, serving_dir(run_dir, tta and tta.name) / CALIBRATION_FILE)
     return calibration, calibration.apply(val_raw), calibration.apply(raw)
 
 

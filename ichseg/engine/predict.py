@@ -198,8 +198,9 @@ def _note_fp32_fallback(device_type: str) -> None:
 def bf16_is_native(device: Any) -> bool:
     """Whether bf16 arithmetic runs on hardware instructions on ``device``.
 
-    CUDA devices that support bf16; CPUs whose oneDNN build reports bf16 support (AVX-512 BF16,
-    AMX). Elsewhere bf16 is emulated: slower than fp32 and less precise.
+    CUDA devices that support bf16; CPUs with AVX-512 BF16 or AMX instructions. Elsewhere bf16
+    is emulated: slower than fp32 and less precise. (oneDNN's own "bf16 supported" answers yes
+    on any AVX-512 CPU, Skylake and Cascade Lake included, which have no bf16 instructions.)
     """
     return _bf16_is_native(_device_type(device))
 
@@ -210,7 +211,10 @@ def _bf16_is_native(device_type: str) -> bool:
 
     if device_type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    try:
+    cpu = getattr(torch, "cpu", None)
+    if hasattr(cpu, "_is_avx512_bf16_supported") and hasattr(cpu, "_is_amx_tile_supported"):
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    try:  # older torch: oneDNN's answer, which overstates on plain AVX-512 CPUs
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False

@@ -23,6 +23,9 @@ from ichseg.volume import CTVolume
 
 
 def _mean_thresholds(members: list[Predictor], level: str) -> dict[str, float]:
+    """Per class, the mean of the members' finite thresholds. A member without one (one label
+    value on its validation split: "never positive") is left out of that class's mean; with
+    none finite the class stays never positive."""
     out = {}
     for name in members[0].class_names:
         values = [getattr(m.thresholds, level)[name] for m in members]
@@ -154,11 +157,16 @@ class EnsemblePredictor:
         }
 
 
+def _slice_filter(member: Predictor) -> float:
+    return float(member.preprocessor.describe().get("min_brain_fraction") or 0.0)
+
+
 def make_ensemble(members: list[Predictor]) -> EnsemblePredictor:
     """Check that the members predict the same thing and combine them.
 
     Raises:
-        InputError: a member with other class names, task, input kind or series rule.
+        InputError: a member with other class names, task, input kind, series rule or slice
+            filter.
     """
     first = members[0]
     for member in members[1:]:
@@ -167,6 +175,9 @@ def make_ensemble(members: list[Predictor]) -> EnsemblePredictor:
             ("task", member.config.task.mode, first.config.task.mode),
             ("input kind", member.preprocessor.source_kind, first.preprocessor.source_kind),
             ("series aggregation", member.thresholds.aggregation, first.thresholds.aggregation),
+            # Members score the slices their filter keeps: with two filters a slice would be
+            # averaged over some members only and a series maximum could be NaN.
+            ("slice filter (min_brain_fraction)", _slice_filter(member), _slice_filter(first)),
         ):
             if mine != theirs:
                 raise InputError(

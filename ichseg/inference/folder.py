@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ichseg.engine.checkpoint import ARGMAX_RULE, Thresholds
 from ichseg.engine.predict import ForwardTimer, TestTimeAugmentation
 from ichseg.errors import InputError
 from ichseg.fileio import check_output_folder, write_csv, write_json
 from ichseg.inference.ensemble import EnsemblePredictor, load_models
 from ichseg.inference.gradcam import write_gradcam
-from ichseg.inference.models import Predictor, is_model_folder
+from ichseg.inference.models import Predictor, finite_or_none, is_model_folder
 from ichseg.inference.outputs import NEEDS_DICOM, OutputOptions, write_masks, write_report
 from ichseg.volume import SUBTYPES
 
-log = logging.getLogger(__name__)
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +45,25 @@ class PredictResult:
 
 def _labels(probabilities: np.ndarray, names: list[str], thresholds: dict[str, float]):
     return {f"label_{n}": int(bool(probabilities[i] >= thresholds[n])) for i, n in enumerate(names)}
+
+
+def _slice_labels(probabilities: np.ndarray, names: list[str], thresholds: Thresholds):
+    """One slice's labels: its most probable class (multiclass), else at the slice thresholds."""
+    if thresholds.rule == ARGMAX_RULE:
+        best = int(np.argmax(probabilities))
+        return {f"label_{n}": int(i == best) for i, n in enumerate(names)}
+    return _labels(probabilities, names, thresholds.slice)
+
+
+def _series_labels(
+    series_prob: np.ndarray, scored: np.ndarray, names: list[str], thresholds: Thresholds
+):
+    """A series' labels: at the series thresholds, or (multiclass) every class that some
+    scored slice was labelled with, so a series is positive when any slice is."""
+    if thresholds.rule == ARGMAX_RULE:
+        found = set(np.argmax(scored, axis=1).tolist())
+        return {f"label_{n}": int(i in found) for i, n in enumerate(names)}
+    return _labels(series_prob, names, thresholds.series)
 
 
 def _is_positive(predictor: Predictor, labels: dict[str, int]) -> bool:
@@ -151,7 +171,11 @@ def prediction_info(
         "skipped": len(result.skipped),
     }
     if isinstance(predictor, EnsemblePredictor):
-        info["ensemble"] = predictor.rules()
+        # The averaged thresholds that made the label columns, beside the members' own.
+        info["ensemble"] = {
+            **predictor.rules(),
+            "applied_thresholds": finite_or_none(predictor.thresholds.to_dict()),
+        }
     return info
 
 
@@ -187,7 +211,7 @@ def _predict_volumes(
             # After the classifier, from the same mask: its probabilities cannot change.
             labels = (
                 None
-                if predictor.hemorrhage is None
+                if predictor.hemorrhage is None or not prediction.scored.any()
                 else predictor.hemorrhage.predict_volume(item, intracranial_mask=prediction.mask)
             )
         except InputError as error:
@@ -198,13 +222,7 @@ def _predict_volumes(
             result.skipped.append((item.source, f"{type(error).__name__}: {error}"))
             continue
         name = output_name(item, used_names)
-        try:
-            written = write_masks(item, prediction.mask, labels, out_dir, name, options)
-        except InputError as error:  # source files changed since they were read
-            result.skipped.append((error.path or item.source, f"masks: {error.reason}"))
-            written = {}
         flags = ";".join(item.quality_flags)
-        slice_labels_of = thresholds.slice
         for z in range(item.num_slices):
             p = prediction.probabilities[z]
             row = {
@@ -219,7 +237,7 @@ def _predict_volumes(
                     for n, v in zip(names, p, strict=True)
                 },
                 **(
-                    _labels(p, names, slice_labels_of)
+                    _slice_labels(p, names, thresholds)
                     if prediction.scored[z]
                     else {f"label_{n}": "" for n in names}
                 ),
@@ -230,8 +248,20 @@ def _predict_volumes(
         if len(scored) == 0:
             result.skipped.append((item.source, "no slice in the model's scope (slice filter)"))
             continue
+        written = _attempt(
+            "masks",
+            item.source,
+            result.skipped,
+            write_masks,
+            item,
+            prediction.mask,
+            labels,
+            out_dir,
+            name,
+            options,
+        )
         series_prob, spread = predictor.series_summary(prediction)
-        labels_row = _labels(series_prob, names, thresholds.series)
+        labels_row = _series_labels(series_prob, scored, names, thresholds)
         volumes = {} if labels is None else hemorrhage_volumes(labels, item)
         row = {
             "source": item.source,
@@ -244,31 +274,42 @@ def _predict_volumes(
             **labels_row,
             **spread,
             **volumes,
-            **written,
+            **(written or {}),
             "flags": flags,
             "warnings": "; ".join(item.warnings),
         }
-        if options.sr and item.slice_paths:
-            try:
-                path = write_report(
-                    predictor, item, series_prob, volumes, out_dir / "sr" / f"{name}_sr.dcm"
-                )
-                row["sr"] = str(path.relative_to(out_dir))
-            except InputError as error:
-                result.skipped.append((error.path or item.source, f"report: {error.reason}"))
-                row["sr"] = ""
-        elif options.sr:
+        if options.sr:
             row["sr"] = ""
-        overlays: list[Path] = []
-        if options.gradcam and _is_positive(predictor, labels_row):
-            overlays = write_gradcam(
+        if options.sr and item.slice_paths:
+            path = _attempt(
+                "report",
+                item.source,
+                result.skipped,
+                write_report,
                 predictor,
                 item,
-                prediction,
-                out_dir / "gradcam",
-                name,
-                options.gradcam_slices,
-                formats=options.gradcam_format,
+                series_prob,
+                volumes,
+                out_dir / "sr" / f"{name}_sr.dcm",
+            )
+            row["sr"] = "" if path is None else str(path.relative_to(out_dir))
+        overlays: list[Path] = []
+        if options.gradcam and _is_positive(predictor, labels_row):
+            overlays = (
+                _attempt(
+                    "Grad-CAM",
+                    item.source,
+                    result.skipped,
+                    write_gradcam,
+                    predictor,
+                    item,
+                    prediction,
+                    out_dir / "gradcam",
+                    name,
+                    options.gradcam_slices,
+                    formats=options.gradcam_format,
+                )
+                or []
             )
         row["gradcam"] = ";".join(str(p.relative_to(out_dir)) for p in overlays)
         wanted = options.dicom_outputs(bool(overlays))
@@ -284,6 +325,25 @@ def _predict_volumes(
         raise InputError(input_path, f"no series could be processed ({reasons})")
     result.seconds_per_study = float(np.mean(durations))
     return result
+
+
+def _attempt(
+    what: str, source: str, skipped: list, write: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """``write(*args, **kwargs)``, or None with the failure listed in ``skipped``.
+
+    An output that cannot be written (a SEG whose sources lack a frame of reference, source
+    files changed since they were read) must not cost the series its probabilities or the other
+    series theirs.
+    """
+    try:
+        return write(*args, **kwargs)
+    except InputError as error:
+        skipped.append((error.path or source, f"{what}: {error.reason}"))
+    except Exception as error:
+        log.debug("writing the %s of %s failed", what, source, exc_info=True)
+        skipped.append((source, f"{what}: {type(error).__name__}: {error}"))
+    return None
 
 
 def _predict_pictures(
@@ -314,7 +374,7 @@ def _predict_pictures(
             {
                 "source": str(path),
                 **{n: round(float(v), 6) for n, v in zip(names, p, strict=True)},
-                **_labels(p, names, predictor.thresholds.slice),
+                **_slice_labels(p, names, predictor.thresholds),
                 **{f"sd_{n}": round(float(v), 6) for n, v in sd},
             }
         )

@@ -19,6 +19,9 @@ GRADCAM_ALPHA = 0.35
 def gradcam_maps(predictor: Predictor, images: np.ndarray, class_index: int | None) -> np.ndarray:
     """Grad-CAM (MONAI) heat maps ``(N, S, S)`` in [0, 1] at the model's input size.
 
+    For a sequence model the maps explain its backbone's own slice classifier (the part that
+    sees pixels), not the sequence head's series-aware score.
+
     Args:
         predictor: the loaded model.
         images: uint8 ``(N, C, S, S)`` model input.

@@ -46,6 +46,8 @@ class ModelFiles:
         segmenter: the carried U-Net, when there is one.
         sequence: the sequence head checkpoint of a sequence run or bundle, else None.
         base: the folder holding thresholds and calibration (run folder or ``models/``).
+        hemorrhage: the carried hemorrhage U-Net (``hemorrhage_segmenter.pt``), if any.
+        bundle_root: the bundle's root folder when the model is a bundle, else None.
     """
 
     classifier: Path
@@ -99,10 +101,10 @@ def resolve_model_files(model_path: Path) -> ModelFiles:
     )
 
 
-def _finite_or_none(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
     """JSON-safe copy: infinite thresholds (no threshold could be chosen) become None."""
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
@@ -217,7 +219,7 @@ class Predictor:
             "model": self.config.model.name
             + (f" + {self.config.sequence.kind} sequence head" if self.head is not None else ""),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
-            "thresholds": _finite_or_none(self.thresholds.to_dict()),
+            "thresholds": finite_or_none(self.thresholds.to_dict()),
             "notes": list(self.notes),
         }
 
@@ -317,31 +319,39 @@ def load_predictor(
 def model_identity(predictor: Predictor | EnsemblePredictor) -> tuple[str, str]:
     """(name, version) of the classifier, as DICOM reports name the algorithm.
 
-    Ensembles are named by their first member (whose Grad-CAM and mask they write). The name
-    is ``ichseg <architecture> (<run name>)``; the version is the bundle's version
-    for a bundle, else ichseg's version with the first 12 hex digits of the SHA-1 of the
-    weights file, so two reports of the same version come from the same weights.
+    The name is ``ichseg <architecture> (<run name>)`` (an ensemble: ``ichseg ensemble of M
+    (<first run name>, ...)``); the version is the bundle's version for a single bundle, else
+    ichseg's version with the first 12 hex digits of the SHA-1 of the weights files (every
+    member's, for an ensemble), so two reports of the same version come from the same weights.
     """
     import hashlib
     import json
 
     from ichseg import __version__
 
-    config = predictor.config
-    name = f"ichseg {config.model.name} ({config.name})"[:64]
-    files = predictor.files
-    if files is None:
+    members = getattr(predictor, "members", None) or [predictor]
+    if len(members) > 1:
+        runs = ", ".join(m.config.name for m in members)
+        name = f"ichseg ensemble of {len(members)} ({runs})"[:64]
+    else:
+        name = f"ichseg {predictor.config.model.name} ({predictor.config.name})"[:64]
+    files = [m.files for m in members]
+    if any(f is None for f in files):
         return name, __version__
-    if files.bundle_root is not None:
-        metadata = files.bundle_root / "configs" / "metadata.json"
+    if len(files) == 1 and files[0].bundle_root is not None:
+        metadata = files[0].bundle_root / "configs" / "metadata.json"
         try:
             return name, str(json.loads(metadata.read_text())["version"])
         except (OSError, ValueError, KeyError):
             pass
     digest = hashlib.sha1()
-    with open(files.classifier, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for member_files in files:
+        for path in (member_files.classifier, member_files.sequence):
+            if path is None:
+                continue
+            with open(path, "rb") as handle:
+                for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                    digest.update(block)
     return name, f"{__version__}+{digest.hexdigest()[:12]}"
 
 

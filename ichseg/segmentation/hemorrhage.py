@@ -1,7 +1,8 @@
 """Hemorrhage label maps for the commands: the segmenter and the volume columns of a series.
 
 ``predict`` and ``segment`` share these, so a series gets the same label map and the same
-numbers from either command.
+numbers from either command when both bound the blood with the same intracranial mask
+(``segment``: its ``--method``; ``predict``: the model's output mask).
 """
 
 from __future__ import annotations
