@@ -1,7 +1,7 @@
 """The classifier learns: trained on phantom studies, it ranks held-out patients' slices well.
 
 A trainer that runs but does not learn passes every other test; this one fails on it. It trains
-a small ResNet-18 on classically masked 64-pixel slices of 80 phantom studies (patient-level
+a small ResNet-18 on classically masked 96-pixel slices of 120 phantom studies (patient-level
 split, bleeds of realistic size and HU) and scores the test patients once.
 """
 
@@ -15,14 +15,14 @@ import pytest
 LEARNING_CONFIG = {
     "name": "learning",
     "data": {
-        "phantom": {"studies": 80, "seed": 300, "size": 128, "slices": 20},
-        "image_size": 64,
+        "phantom": {"studies": 120, "seed": 300, "size": 128, "slices": 20},
+        "image_size": 96,
         "split": {"val_fraction": 0.2, "test_fraction": 0.25},
     },
     "model": {"name": "resnet18"},
-    "masking": {"enabled": True, "method": "classical", "background": "air"},
+    "masking": {"enabled": True, "method": "classical", "background": "air", "dilation_mm": 2.0},
     "train": {
-        "epochs": 6,
+        "epochs": 8,
         "batch_size": 32,
         "warmup_epochs": 0,
         "early_stopping_patience": None,
