@@ -292,6 +292,33 @@ def test_bundle_ships_a_hemorrhage_segmenter(
     series = _read_csv(out / "series.csv")
     assert series[0]["hemorrhage_mask"] and float(series[0]["volume_ml_total"]) >= 0.0
 
+    # MONAI's runner reaches the same outputs through inference.json's overrides.
+    out_monai = tmp_path / "monai"
+    result = _monai(
+        "run",
+        "--config_file",
+        bundle / "configs" / "inference.json",
+        "--meta_file",
+        bundle / "configs" / "metadata.json",
+        "--bundle_root",
+        bundle,
+        "--dataset_dir",
+        source.resolve(),
+        "--output_dir",
+        out_monai,
+        "--gradcam",
+        "False",
+        "--sr",
+        "True",
+        "--output_format",
+        "both",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = _read_csv(out_monai / "series.csv")[0]
+    assert row["volume_ml_total"] == series[0]["volume_ml_total"]
+    assert (out_monai / row["seg"]).is_file() and (out_monai / row["sr"]).is_file()
+
 
 def test_overwrite(trained_run: Path, tmp_path: Path) -> None:
     target = tmp_path / "b"
