@@ -43,6 +43,7 @@ def run_demo(
         echo: where status lines go.
     """
     from ichseg.engine.ablation import FULL_LADDER, format_comparisons, format_table, run_ablation
+    from ichseg.engine.checkpoint import BEST
     from ichseg.phantom import PhantomConfig, generate_study, write_dataset
     from ichseg.segmentation.training import train_segmenter
     from ichseg.segmentation.unet import SegmenterConfig
@@ -63,7 +64,7 @@ def run_demo(
 
     echo(f"[2/4] training the intracranial U-Net on {DEMO_SEGMENTER_STUDIES} phantom studies")
     segmenter_dir = out_dir / "segmenter"
-    checkpoint = segmenter_dir / "best.pt"
+    checkpoint = segmenter_dir / BEST
     if not checkpoint.exists():
         studies = [
             generate_study(DEMO_SEGMENTER_SEED + i, PhantomConfig(size=128, num_slices=20))

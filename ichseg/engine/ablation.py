@@ -50,6 +50,7 @@ from ichseg.engine.checkpoint import (
     BACKBONE_DIR,
     CONFIG_FILE,
     EVAL_DIR,
+    LAST,
     SPLITS_FILE,
 )
 from ichseg.errors import ConfigError
@@ -182,8 +183,7 @@ def run_ablation(
                 train(
                     config,
                     run_dir,
-                    resume=(run_dir / "last.pt").exists()
-                    or (run_dir / BACKBONE_DIR / "last.pt").exists(),
+                    resume=(run_dir / LAST).exists() or (run_dir / BACKBONE_DIR / LAST).exists(),
                     preprocessor=preprocessor,
                     cache_root=cache_root,
                     progress=progress,
