@@ -359,10 +359,13 @@ def _load_run(run_dir: Path) -> tuple[Path, RunConfig, Path | None]:
 def _segmenter_source(
     run_dir: Path, config: RunConfig, segmenter: str | Path | None
 ) -> Path | None:
-    """The U-Net checkpoint to ship: explicit, the run's own, or the config's, in that order.
+    """The U-Net checkpoint to ship: explicit, the run's own, or (U-Net-masked runs) the
+    config's, in that order.
 
     A run trained on U-Net-masked slices ships the segmenter it was trained with; another one
-    would serve the model input it never saw, so it is refused.
+    would serve the model input it never saw, so it is refused. An unmasked run ships only an
+    explicit or carried U-Net: ``predict`` on the run uses nothing else for its output mask,
+    and the bundle must write the same masks (which also bound hemorrhage volumes).
     """
     own = run_dir / SEGMENTER_FILE
     if segmenter is not None:
@@ -380,7 +383,12 @@ def _segmenter_source(
                 )
     elif (run_dir / SEGMENTER_FILE).is_file():
         path = run_dir / SEGMENTER_FILE
-    elif config.masking.checkpoint is not None and Path(config.masking.checkpoint).is_file():
+    elif (
+        config.masking.enabled
+        and config.masking.method == "unet"
+        and config.masking.checkpoint is not None
+        and Path(config.masking.checkpoint).is_file()
+    ):
         path = Path(config.masking.checkpoint)
     else:
         if config.masking.enabled and config.masking.method == "unet":

@@ -320,6 +320,22 @@ def test_bundle_ships_a_hemorrhage_segmenter(
     assert (out_monai / row["seg"]).is_file() and (out_monai / row["sr"]).is_file()
 
 
+def test_unmasked_run_ships_no_segmenter_it_does_not_use(
+    trained_run: Path, segmenter_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A config naming a masking checkpoint without U-Net masking: predict on the run never
+    uses it, so the bundle must not either (its masks would bound other volumes)."""
+    from ichseg.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval", "last.pt"))
+    state = load_checkpoint(run / "best.pt")
+    state["config"]["masking"] = {"enabled": False, "checkpoint": str(segmenter_checkpoint)}
+    save_checkpoint(state, run / "best.pt")
+    bundle = export_bundle(run, tmp_path / "bundle")
+    assert not (bundle / "models" / "segmenter.pt").exists()
+
+
 def test_overwrite(trained_run: Path, tmp_path: Path) -> None:
     target = tmp_path / "b"
     target.mkdir()  # an empty folder is fine
