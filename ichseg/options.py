@@ -10,6 +10,10 @@ from ichseg.errors import ConfigError
 T = TypeVar("T")
 
 
+MASK_FORMATS = ("nifti", "dicom-seg", "both")
+"""How ``segment`` and ``predict`` write masks: NIfTI, DICOM SEG (DICOM inputs), or both."""
+
+
 def look_up_option(
     name: str, value: T, valid: Iterable[Any], error: type[Exception] = ConfigError
 ) -> T:

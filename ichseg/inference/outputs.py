@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from ichseg.inference.models import Predictor, model_identity
+from ichseg.options import MASK_FORMATS
 from ichseg.volume import HEMORRHAGE_CODES, CTVolume
 
-OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+OUTPUT_FORMATS = MASK_FORMATS
 GRADCAM_FORMATS = ("png", "dicom", "both")
 NEEDS_DICOM = "{what} not written: DICOM outputs need DICOM sources (masks are in NIfTI)"
 

@@ -42,11 +42,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ichseg.errors import InputError
+from ichseg.errors import ConfigError, InputError
 from ichseg.fileio import atomic_path
 from ichseg.io.loader import index_input, output_name
 from ichseg.io.nifti import write_nifti_atomic
 from ichseg.metrics.overlap import mask_metrics
+from ichseg.options import MASK_FORMATS
 from ichseg.volume import CTVolume
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ PREVIEW_COLUMNS = 4
 PREVIEW_HU_RANGE = (0.0, 80.0)
 # Affines that differ by more than this (mm) are reported when comparing with a reference.
 AFFINE_TOLERANCE_MM = 1e-3
-OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+OUTPUT_FORMATS = MASK_FORMATS
 SEG_NEEDS_DICOM = "DICOM SEG not written: it needs DICOM sources (NIfTI masks written)"
 
 
@@ -244,8 +245,8 @@ def segment_folder(
     if method == "unet" and (checkpoint is None or not Path(checkpoint).is_file()):
         raise InputError(checkpoint, "the unet method needs an existing checkpoint file")
     if output_format not in OUTPUT_FORMATS:
-        raise InputError(
-            None, f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}"
+        raise ConfigError(
+            f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}"
         )
     reference = Path(reference_dir) if reference_dir is not None else None
     if reference is not None and not reference.is_dir():
