@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -90,8 +91,8 @@ def _group_from_pattern(pattern: str | None, path: Path, root: Path | None) -> s
     return match.group("group")
 
 
-class Source:
-    """Base: a data config's labelled slices, as units."""
+class Source(ABC):
+    """A data config's labelled slices, as units (phantom, CT files or pictures)."""
 
     label_level = "slice"
 
@@ -111,15 +112,17 @@ class Source:
             return None
         return self._demographics.lookup(images, series, patient)
 
+    @abstractmethod
     def identity(self) -> dict[str, Any]:
         """What identifies the data (part of the cache key)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def units(self) -> list[Unit]:
-        raise NotImplementedError
+        """The cacheable units (a study, a series or volume, a batch of pictures), in order."""
 
+    @abstractmethod
     def read(self, unit: Unit) -> LabelledSlices:
-        raise NotImplementedError
+        """One unit's slices in HU (or pictures) with their labels and ids."""
 
 
 def _stat(path: Path | None) -> list[Any] | None:
