@@ -63,6 +63,11 @@ assumed rescale can be filtered out of an analysis.
 """
 
 
+def patient_id_of(metadata: dict[str, Any], series_uid: str) -> str:
+    """PatientID, else StudyInstanceUID, else the series uid (readers flag the fallback)."""
+    return str(metadata.get("PatientID") or metadata.get("StudyInstanceUID") or series_uid)
+
+
 @dataclass
 class CTVolume:
     """A CT volume in Hounsfield units with its geometry and provenance.
@@ -143,11 +148,7 @@ class CTVolume:
     @property
     def patient_id(self) -> str:
         """PatientID, else StudyInstanceUID, else the series uid (readers flag the fallback)."""
-        return str(
-            self.metadata.get("PatientID")
-            or self.metadata.get("StudyInstanceUID")
-            or self.series_uid
-        )
+        return patient_id_of(self.metadata, self.series_uid)
 
     @property
     def study_uid(self) -> str:

@@ -30,6 +30,7 @@ from ichseg.engine.cache_format import (
 )
 from ichseg.errors import InputError
 from ichseg.fileio import write_json
+from ichseg.volume import patient_id_of
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +293,7 @@ def _finish_per_slice(folder: Path, shard_count: int, source, data: DataConfig) 
             continue
         for warning in layout.warnings:
             log.info("cache: dicom:%s: %s", uid, warning)
-        metadata_id = str(
-            layout.metadata.get("PatientID") or layout.metadata.get("StudyInstanceUID") or uid
-        )
-        patient = source.patient_id(layout.source, metadata_id)
+        patient = source.patient_id(layout.source, patient_id_of(layout.metadata, uid))
         sops = [h.sop_uid for h in layout.headers]
         volume_labels = source.labels_for(sops, patient)
         if np.isnan(volume_labels[:, 0]).all():
@@ -347,18 +345,13 @@ def _finish_per_slice(folder: Path, shard_count: int, source, data: DataConfig) 
 def _layout_attributes(layout, source, patient: str) -> dict[str, Any]:
     """A series' scan-attribute record from its headers alone (no pixels at this stage, so
     no air statistics), merged with the demographics CSV's row as for whole volumes."""
-    from ichseg.io.attributes import FIELDS, header_attributes, merge
+    from ichseg.io.attributes import merge, series_attributes
 
-    record = header_attributes(layout.metadata)
+    norms = np.linalg.norm(layout.affine[:3, :3], axis=0)
+    spacing_x, spacing_y, spacing_z = (float(v) for v in norms)
     first = layout.headers[0]
-    if record["slice_thickness"] is None and len(layout.slice_positions) > 1:
-        record["slice_thickness"] = round(
-            float(np.median(np.abs(np.diff(layout.slice_positions)))), 4
-        )
-    if first.pixel_spacing is not None and len(first.pixel_spacing) == 2:
-        record["pixel_spacing"] = round(sum(first.pixel_spacing) / 2, 4)
-    record["rows"], record["columns"] = float(first.rows), float(first.columns)
-    record = {name: record.get(name) for name in FIELDS}
+    shape = (len(layout.headers), first.rows, first.columns)
+    record = series_attributes(layout.metadata, (spacing_z, spacing_y, spacing_x), shape)
     return merge(record, source.demographics([], layout.series_uid, patient))
 
 

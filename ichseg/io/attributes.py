@@ -171,17 +171,35 @@ def air_statistics(hu: np.ndarray) -> tuple[float | None, float | None]:
 
 
 def volume_attributes(volume: CTVolume) -> dict[str, Any]:
-    """The record of a volume: its header attributes, its grid and its air statistics.
+    """The record of a volume: its header attributes, its grid and its air statistics."""
+    return series_attributes(volume.metadata, volume.spacing, volume.shape, volume.hu)
+
+
+def series_attributes(
+    metadata: dict[str, Any],
+    spacing: tuple[float, float, float],
+    shape: tuple[int, int, int],
+    hu: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The record of a series from its header keywords and grid; air statistics need ``hu``
+    (the file-by-file slice cache has no volume to give, so they stay None there).
 
     The slice thickness is the header's; without one (NIfTI) the slice spacing stands in.
+
+    Args:
+        metadata: DICOM keywords as in ``CTVolume.metadata``.
+        spacing: voxel size ``(z, y, x)`` in mm.
+        shape: ``(slices, rows, columns)``.
+        hu: the volume in HU, for the air statistics.
     """
-    record = header_attributes(volume.metadata)
-    spacing_z, spacing_y, spacing_x = volume.spacing
+    record = header_attributes(metadata)
+    spacing_z, spacing_y, spacing_x = spacing
     if record["slice_thickness"] is None:
         record["slice_thickness"] = round(spacing_z, 4)
     record["pixel_spacing"] = round((spacing_y + spacing_x) / 2, 4)
-    record["rows"], record["columns"] = float(volume.shape[1]), float(volume.shape[2])
-    record["air_hu_mean"], record["air_hu_std"] = air_statistics(volume.hu)
+    record["rows"], record["columns"] = float(shape[1]), float(shape[2])
+    if hu is not None:
+        record["air_hu_mean"], record["air_hu_std"] = air_statistics(hu)
     return {name: record.get(name) for name in FIELDS}
 
 
