@@ -56,7 +56,7 @@ import logging
 import os
 import shutil
 import uuid
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +156,9 @@ def build_slices(
         InputError: no usable labelled slice, or not enough disk for the estimate.
     """
     from ichseg.engine.sources import make_source
+    from ichseg.io.workers import process_pool, resolve_workers
     from ichseg.preprocess.pipeline import Preprocessor
     from ichseg.progress import progress as progress_bar
-    from ichseg.runtime import available_cpus
 
     data = config.data
     preprocessor = preprocessor or Preprocessor.from_config(config)
@@ -208,9 +208,7 @@ def build_slices(
             len(missing),
             len(shards),
         )
-    workers = available_cpus() if workers is None else workers
-    if data.workers is not None:
-        workers = data.workers
+    workers = resolve_workers(data.workers if data.workers is not None else workers)
     jobs = [
         (
             str(folder),
@@ -224,10 +222,9 @@ def build_slices(
     ]
     bar = progress_bar(total=len(jobs), desc="cache", unit="shard", enabled=progress)
     if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")  # fork after torch threads can deadlock
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        # The reader's pool: spawned (fork after torch threads can deadlock), one OpenMP thread
+        # per worker, workers stop with their parent.
+        with process_pool(min(workers, len(jobs))) as pool:
             for future in as_completed([pool.submit(_build_shard_job, job) for job in jobs]):
                 future.result()
                 bar.update(1)
