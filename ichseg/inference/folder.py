@@ -22,7 +22,7 @@ from ichseg.errors import InputError
 from ichseg.fileio import check_output_folder, write_csv, write_json
 from ichseg.inference.ensemble import EnsemblePredictor, load_models
 from ichseg.inference.gradcam import write_gradcam
-from ichseg.inference.models import Predictor, finite_or_none, is_model_folder
+from ichseg.inference.models import Predictor, finite_or_none, is_model_folder, model_identity
 from ichseg.inference.outputs import NEEDS_DICOM, OutputOptions, write_masks, write_report
 from ichseg.volume import SUBTYPES
 
@@ -196,6 +196,8 @@ def _predict_volumes(
     names = predictor.class_names
     thresholds = predictor.thresholds
     durations = []
+    # The model's name and version hash its weights: once per run, not per report.
+    identity = model_identity(predictor) if options.sr else None
     used_names: set[str] = set()
     bar = progress_bar(
         index.iter_volumes(), total=len(index), desc="predict", unit="series", enabled=progress
@@ -291,6 +293,7 @@ def _predict_volumes(
                 series_prob,
                 volumes,
                 out_dir / "sr" / f"{name}_sr.dcm",
+                identity,
             )
             row["sr"] = "" if path is None else str(path.relative_to(out_dir))
         overlays: list[Path] = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ichseg.inference.models import Predictor, model_identity
-from ichseg.options import MASK_FORMATS
+from ichseg.options import MASK_FORMATS, look_up_option
 from ichseg.volume import HEMORRHAGE_CODES, CTVolume
 
 OUTPUT_FORMATS = MASK_FORMATS
@@ -38,18 +38,8 @@ class OutputOptions:
     sr: bool = False
 
     def __post_init__(self) -> None:
-        from ichseg.errors import ConfigError
-
-        if self.output_format not in OUTPUT_FORMATS:
-            raise ConfigError(
-                f"output format must be one of {', '.join(OUTPUT_FORMATS)}, "
-                f"got {self.output_format!r}"
-            )
-        if self.gradcam_format not in GRADCAM_FORMATS:
-            raise ConfigError(
-                f"Grad-CAM format must be one of {', '.join(GRADCAM_FORMATS)}, "
-                f"got {self.gradcam_format!r}"
-            )
+        look_up_option("output format", self.output_format, OUTPUT_FORMATS)
+        look_up_option("Grad-CAM format", self.gradcam_format, GRADCAM_FORMATS)
 
     @property
     def nifti(self) -> bool:
@@ -119,6 +109,7 @@ def write_report(
     probabilities: np.ndarray,
     volumes: dict[str, float],
     path: Path,
+    identity: tuple[str, str] | None = None,
 ) -> Path:
     """The series' Structured Report: probabilities, series thresholds, volumes, ABC/2.
 
@@ -128,6 +119,8 @@ def write_report(
         probabilities: the series probability of each class.
         volumes: the hemorrhage volume columns (empty without a hemorrhage segmenter).
         path: the report file to write.
+        identity: the model's ``model_identity`` (hashes the weights: computed once per run
+            by the caller, else here).
     """
     from ichseg.io.dicom_sr import SeriesFindings, write_structured_report
 
@@ -142,7 +135,7 @@ def write_report(
         volumes_ml=volumes_ml,
         abc2_ml=volumes.get("abc2_ml_intraparenchymal") if volumes else None,
     )
-    model_name, model_version = model_identity(predictor)
+    model_name, model_version = identity or model_identity(predictor)
     return write_structured_report(
         volume,
         volume.slice_paths,
