@@ -214,11 +214,11 @@ def _model_variants(args, device, batches: list[int]) -> tuple[list[Variant], di
             slices = torch.randint(0, 256, (args.path_slices, channels, size, size))
             slices = slices.to(torch.uint8).numpy()
             default = prepare_for_inference(copy.deepcopy(model), device)
-            label = "default_path+compile" if compile_by_default(device) else "default_path"
+            label = "default_path+compile" if compile_by_default() else "default_path"
             variants.append(
                 PathVariant(name, default, label, path_dtype, len(slices), slices, device)
             )
-            if args.compile and not compile_by_default(device):
+            if args.compile and not compile_by_default():
                 compiled_path = prepare_for_inference(copy.deepcopy(model), device, compile=True)
                 variants.append(
                     PathVariant(

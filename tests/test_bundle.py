@@ -57,6 +57,29 @@ def _monai(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _monai_run(
+    bundle: Path, source: Path, out: Path, *overrides: str, cwd: Path
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of a bundle on ``source`` with Grad-CAM off."""
+    return _monai(
+        "run",
+        "--config_file",
+        bundle / "configs" / "inference.json",
+        "--meta_file",
+        bundle / "configs" / "metadata.json",
+        "--bundle_root",
+        bundle,
+        "--dataset_dir",
+        source,
+        "--output_dir",
+        out,
+        "--gradcam",
+        "False",
+        *overrides,
+        cwd=cwd,
+    )
+
+
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
@@ -192,22 +215,7 @@ def test_monai_bundle_run_matches_ichseg_predict(
     source = (phantom_dir / "dicom").resolve()
     out_monai, out_bundle, out_run = tmp_path / "monai", tmp_path / "bundle", tmp_path / "run"
 
-    result = _monai(
-        "run",
-        "--config_file",
-        bundle / "configs" / "inference.json",
-        "--meta_file",
-        bundle / "configs" / "metadata.json",
-        "--bundle_root",
-        bundle,
-        "--dataset_dir",
-        source,
-        "--output_dir",
-        out_monai,
-        "--gradcam",
-        "False",
-        cwd=tmp_path,
-    )
+    result = _monai_run(bundle, source, out_monai, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runner = CliRunner()
     common = ["--quiet", "--no-gradcam"]
@@ -294,25 +302,8 @@ def test_bundle_ships_a_hemorrhage_segmenter(
 
     # MONAI's runner reaches the same outputs through inference.json's overrides.
     out_monai = tmp_path / "monai"
-    result = _monai(
-        "run",
-        "--config_file",
-        bundle / "configs" / "inference.json",
-        "--meta_file",
-        bundle / "configs" / "metadata.json",
-        "--bundle_root",
-        bundle,
-        "--dataset_dir",
-        source.resolve(),
-        "--output_dir",
-        out_monai,
-        "--gradcam",
-        "False",
-        "--sr",
-        "True",
-        "--output_format",
-        "both",
-        cwd=tmp_path,
+    result = _monai_run(
+        bundle, source.resolve(), out_monai, "--sr", "True", "--output_format", "both", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     row = _read_csv(out_monai / "series.csv")[0]

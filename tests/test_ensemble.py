@@ -28,7 +28,8 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def members(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """The tiny run and two copies whose head biases differ: three different members."""
+    """The tiny run and two copies whose head biases differ: three different members, with
+    their own series thresholds (one of them "never positive" for one class)."""
     from ichseg.engine.checkpoint import load_checkpoint, save_checkpoint
 
     root = tmp_path_factory.mktemp("members")
@@ -40,6 +41,13 @@ def members(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> list
         key = next(k for k in state["state_dict"] if k.startswith("head.") and k.endswith("bias"))
         state["state_dict"][key] = state["state_dict"][key] + shift
         save_checkpoint(state, run / "best.pt")
+        thresholds = json.loads((run / "thresholds.json").read_text())
+        for name, value in thresholds["series"].items():
+            if value is not None:
+                thresholds["series"][name] = min(1.0, max(0.0, value + shift / 10))
+        if shift > 0:
+            thresholds["series"]["epidural"] = None  # no threshold could be chosen
+        (run / "thresholds.json").write_text(json.dumps(thresholds))
         runs.append(run)
     return runs
 
@@ -85,9 +93,15 @@ def test_ensemble_of_three_on_dicom_and_nifti(
             assert float(row["sd_any"]) == pytest.approx(per_member[:, 0].std(ddof=1), abs=2e-6)
             assert float(row["sd_any"]) > 0 and row["members"] == "3"
             assert {f"sd_{n}" for n in names} <= set(row)
-        # The averaged thresholds behind the label columns are recorded with the run.
+        # The averaged thresholds behind the label columns are recorded with the run: the mean
+        # of the members' own, a member without one left out of that class's mean.
         info = json.loads((out / "predict_info.json").read_text())
         applied = info["ensemble"]["applied_thresholds"]["series"]
+        own = [json.loads((run / "thresholds.json").read_text())["series"] for run in members]
+        for n in names:
+            finite = [t[n] for t in own if t[n] is not None]
+            assert applied[n] == pytest.approx(np.mean(finite)) if finite else applied[n] is None
+        assert own[2]["epidural"] is None and len({t["any"] for t in own}) == 3
         for row in series:
             for n in names:
                 positive = applied[n] is not None and float(row[n]) >= applied[n]

@@ -27,7 +27,21 @@ def test_amp_off_stays_fp32_even_where_native(monkeypatch) -> None:
     assert _linear_output_dtype(predict.autocast(torch.device("cpu"), False)) == torch.float32
 
 
-def test_native_bf16_means_bf16_instructions_on_this_cpu() -> None:
-    instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert predict.bf16_is_native("cpu") is bool(instructions)
-    assert predict.bf16_is_native("meta") is False
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "native"),
+    [(False, False, False), (True, False, True), (False, True, True), (True, True, True)],
+)
+def test_native_bf16_follows_the_cpu_instructions(
+    monkeypatch, avx512_bf16: bool, amx: bool, native: bool
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    # Plain AVX-512 makes oneDNN answer "supported"; that answer must not count.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    predict._bf16_is_native.cache_clear()
+    try:
+        assert predict.bf16_is_native("cpu") is native
+        assert predict.bf16_is_native(torch.device("cpu")) is native
+        assert predict.bf16_is_native("meta") is False  # whatever the CPU has
+    finally:
+        predict._bf16_is_native.cache_clear()

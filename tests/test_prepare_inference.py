@@ -24,11 +24,11 @@ def _model():
 
 def test_compiling_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ICHSEG_COMPILE", raising=False)
-    assert compile_by_default("cpu") is False
+    assert compile_by_default() is False
     monkeypatch.setenv("ICHSEG_COMPILE", "1")
-    assert compile_by_default("cpu") is True
+    assert compile_by_default() is True
     monkeypatch.setenv("ICHSEG_COMPILE", "0")
-    assert compile_by_default("cpu") is False
+    assert compile_by_default() is False
 
 
 def test_eager_form_is_channels_last_in_eval_mode(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -211,6 +211,8 @@ def _bf16_is_native(device_type: str) -> bool:
 
     if device_type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type != "cpu":  # other backends (mps, xpu, meta): not known to be native
+        return False
     cpu = getattr(torch, "cpu", None)
     if hasattr(cpu, "_is_avx512_bf16_supported") and hasattr(cpu, "_is_amx_tile_supported"):
         return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
@@ -297,11 +299,9 @@ COMPILE_ENV = "ICHSEG_COMPILE"
 """``1``/``0``: compile classifier inference or not, whatever the default."""
 
 
-def compile_by_default(device: Any) -> bool:
+def compile_by_default() -> bool:
     """Whether :func:`prepare_for_inference` compiles when not told: ``ICHSEG_COMPILE`` when set,
     else False (see ``benchmarks/README.md``: compiling pays only after many studies)."""
-    import logging
-
     text = os.environ.get(COMPILE_ENV, "").strip().lower()
     if text in ("1", "true", "yes", "on"):
         return True
@@ -334,7 +334,7 @@ def prepare_for_inference(
 
     model.to(device, memory_format=torch.channels_last).eval()
     if compile is None:
-        compile = compile_by_default(device)
+        compile = compile_by_default()
     if compile and not hasattr(model, "compiled_forward"):
         _compile_inference(model, batch_size)
     return model

@@ -42,12 +42,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ichseg.errors import ConfigError, InputError
+from ichseg.errors import InputError
 from ichseg.fileio import atomic_path
 from ichseg.io.loader import index_input, output_name
 from ichseg.io.nifti import write_nifti_atomic
 from ichseg.metrics.overlap import mask_metrics
-from ichseg.options import MASK_FORMATS
+from ichseg.options import MASK_FORMATS, look_up_option
 from ichseg.volume import CTVolume
 
 logger = logging.getLogger(__name__)
@@ -244,10 +244,7 @@ def segment_folder(
         raise InputError(None, f"method must be 'classical' or 'unet', got {method!r}")
     if method == "unet" and (checkpoint is None or not Path(checkpoint).is_file()):
         raise InputError(checkpoint, "the unet method needs an existing checkpoint file")
-    if output_format not in OUTPUT_FORMATS:
-        raise ConfigError(
-            f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}"
-        )
+    look_up_option("output format", output_format, OUTPUT_FORMATS)
     reference = Path(reference_dir) if reference_dir is not None else None
     if reference is not None and not reference.is_dir():
         raise InputError(reference, "reference folder does not exist")
