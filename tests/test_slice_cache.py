@@ -100,7 +100,7 @@ def test_workers_hold_a_bounded_number_of_slices(flat_data, tmp_path: Path, monk
     real = cache_per_slice._window_batch
 
     def counting(pending, *args):
-        seen.append(sum(hu is not None for _, hu in pending))
+        seen.append(sum(parsed.decoded is not None for parsed in pending))
         return real(pending, *args)
 
     monkeypatch.setattr(cache_per_slice, "PER_SLICE_BATCH", 5)

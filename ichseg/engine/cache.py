@@ -23,10 +23,12 @@ so a context of k costs no extra disk.
 Two ways to build, the same arrays:
 
 * **Per slice** (DICOM-only data, no intracranial masking: every preprocessing step works on one
-  slice). Units are files: shard ``i`` is files ``[i * shard_slices, (i + 1) * shard_slices)``
-  of the sorted listing. A worker parses each file once (``ichseg.io.dicom.parse_file``),
-  windows its slice with the run's preprocessor a few slices at a time (``PER_SLICE_BATCH``) and
-  appends them to the shard's ``images.u8``, and keeps the file's header fields in the shard's
+  slice). Units are files: shard ``i`` is files ``[i * n, (i + 1) * n)`` of the sorted listing
+  (``n = PER_SLICE_SHARD_FILES``, 256). A worker parses each file once from memory
+  (``ichseg.io.dicom.parse_file``, header and stored pixel values), windows the slice through
+  the preprocessor's lookup tables of every stored value (``Preprocessor.stored_slice``: the
+  same arrays as the float steps, without computing them per pixel), appends it to the shard's
+  ``images.u8``, and keeps the file's header fields in the shard's
   ``files.npz`` (``ichseg.io.dicom_table``, ~280 bytes a file). When every shard is done, the
   series are assembled from those tables with the series reader's rules
   (``ichseg.io.dicom.series_layout``, one series at a time, no pixels) and one ``index.npz``
@@ -106,6 +108,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 SHARD_SLICES = 2048
 """Target slices per shard: small enough to lose little on a kill, large enough to be few."""
+PER_SLICE_SHARD_FILES = 256
+"""Files per shard of a file-by-file build: each shard is one task for a worker process
+(about half a second of work), so that a folder of a few thousand files already keeps every
+worker busy to the end; 750,000 files make ~2,900 shards."""
 
 
 def _plan(units: list, shard_slices: int) -> list[list[int]]:
@@ -134,7 +140,7 @@ def build_slices(
     cache_root: Path | None = None,
     progress: bool = True,
     workers: int | None = None,
-    shard_slices: int = SHARD_SLICES,
+    shard_slices: int | None = None,
     per_slice: bool | None = None,
 ) -> SliceSet:
     """Preprocess the configured data into the cache (missing shards only) and open it.
@@ -148,7 +154,8 @@ def build_slices(
         progress: progress output.
         workers: processes that build shards (default ``data.workers``, else the CPUs this
             process may use); 0 or 1 builds in this process.
-        shard_slices: target slices per shard (per-slice builds: files per shard).
+        shard_slices: target slices per shard (per-slice builds: files per shard); default
+            ``SHARD_SLICES``, or ``PER_SLICE_SHARD_FILES`` for per-slice builds.
         per_slice: build file by file (see the module docstring); None: whenever the source
             and the preprocessor allow it, False: series by series.
 
@@ -172,11 +179,19 @@ def build_slices(
         )
     if files is not None:
         return build_per_slice(
-            config, preprocessor, source, cache_root, files, progress, workers, shard_slices
+            config,
+            preprocessor,
+            source,
+            cache_root,
+            files,
+            progress,
+            workers,
+            shard_slices or PER_SLICE_SHARD_FILES,
         )
     folder = cache_root / f"slices-{cache_key(preprocessor.describe(), source.identity())}"
     if (folder / "done.json").exists():
         return open_slices(folder)
+    shard_slices = shard_slices or SHARD_SLICES
     units = sorted(source.units(), key=lambda u: u.key)
     if not units:
         raise InputError(data.root or folder, "the data source holds no volumes or images")

@@ -179,25 +179,23 @@ def _build_file_shard(
     written = 0
     try:
         with open(tmp / "images.u8", "wb") as images:
-            pending: list[tuple[Any, np.ndarray | None]] = []
+            pending: list[Any] = []
 
             def flush() -> None:
                 nonlocal written
                 rows, keep = _window_batch(pending, preprocessor, images, written)
                 written += len(rows)
-                for parsed, _ in pending:
+                for parsed in pending:
                     table.append(parsed, rows.get(id(parsed), -1), keep.get(id(parsed), False))
                 pending.clear()
 
             decoded = windowed = 0
             for raw_path in paths:
-                parsed = parse_file(Path(os.fsdecode(raw_path)))
-                hu = None
+                parsed = parse_file(Path(os.fsdecode(raw_path)), keep_stored=True)
                 if parsed.decoded is not None:
-                    hu, parsed.decoded.hu = parsed.decoded.hu, None
                     decoded += 1
-                    windowed += hu.size * 4 * len(data.windows)
-                pending.append((parsed, hu))
+                    windowed += parsed.decoded.stored.size * 4 * len(data.windows)
+                pending.append(parsed)
                 if decoded >= PER_SLICE_BATCH or windowed >= PER_SLICE_BYTES:
                     flush()
                     decoded = windowed = 0
@@ -213,19 +211,34 @@ def _build_file_shard(
 
 
 def _window_batch(
-    pending: list[tuple[Any, np.ndarray | None]], preprocessor, images, first_row: int
+    pending: list[Any], preprocessor, images, first_row: int
 ) -> tuple[dict[int, int], dict[int, bool]]:
-    """Window the decoded slices of ``pending`` (slices of one size together: the preprocessor
-    works on stacks) and append them to ``images``; their rows and slice-filter flags."""
+    """Window the decoded slices of ``pending`` (parsed with their stored values) and append
+    them to ``images``; their rows and slice-filter flags.
+
+    Slices at the cache's size go through the preprocessor's stored-value tables one by one;
+    the others are converted to HU and windowed in stacks of one size (the preprocessor works
+    on stacks), each stack with the same steps as a whole volume.
+    """
     from ichseg.volume import CTVolume
 
     by_shape: dict[tuple[int, ...], list[tuple[Any, np.ndarray]]] = {}
-    for parsed, hu in pending:
-        if hu is not None:
-            by_shape.setdefault(hu.shape, []).append((parsed, hu))
     rows: dict[int, int] = {}
     keep: dict[int, bool] = {}
     row = first_row
+    for parsed in pending:
+        decoded = parsed.decoded
+        if decoded is None:
+            continue
+        stored, rescale = decoded.stored, decoded.rescale
+        decoded.stored = None  # the table keeps no pixels
+        looked_up = preprocessor.stored_slice(stored, rescale)
+        if looked_up is None:
+            by_shape.setdefault(stored.shape, []).append((parsed, rescale.hu(stored)))
+            continue
+        images.write(looked_up[0].tobytes())
+        rows[id(parsed)], keep[id(parsed)] = row, looked_up[1]
+        row += 1
     for items in by_shape.values():
         stack = np.stack([hu for _, hu in items])
         # Every unmasked step is per slice, so a stack of unrelated slices gives each slice

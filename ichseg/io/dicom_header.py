@@ -13,6 +13,7 @@ import logging
 import os
 import warnings as py_warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -292,9 +293,7 @@ class ElementValues:
         self.transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta else ""
 
     def get(self, keyword: str, default: Any = None) -> Any:
-        from pydicom.dataelem import RawDataElement, convert_raw_data_element
-        from pydicom.valuerep import AMBIGUOUS_VR
-
+        RawDataElement, convert_raw_data_element, AMBIGUOUS_VR = _raw_element_tools()
         tag = tag_number(keyword)
         if tag in self.converted:
             return self.converted[tag]
@@ -323,6 +322,16 @@ class ElementValues:
                 _CONVERTED[key] = value
         self.converted[tag] = value
         return value
+
+
+@lru_cache(maxsize=1)
+def _raw_element_tools() -> tuple[Any, Any, Any]:
+    """pydicom's raw-element class, converter and ambiguous VRs, imported once: an import
+    statement costs ~1.5 us even when the module is loaded, and a header takes ~40 lookups."""
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+    from pydicom.valuerep import AMBIGUOUS_VR
+
+    return RawDataElement, convert_raw_data_element, AMBIGUOUS_VR
 
 
 # Elements whose value differs from file to file: not worth remembering.

@@ -60,7 +60,7 @@ def hu_from_stored(
     """
     values = stored.astype(np.float32)
     padding = None if padding_value is None else stored == padding_value
-    fixed = bits_stored == 12 and pixel_representation == 0 and intercept > -100
+    fixed = needs_12bit_fix(bits_stored, pixel_representation, intercept)
     if fixed:
         values = values + 1000.0
         values[values >= 4096.0] -= 4096.0
@@ -72,14 +72,45 @@ def hu_from_stored(
     return hu, fixed
 
 
+def needs_12bit_fix(
+    bits_stored: int | None, pixel_representation: int | None, intercept: float
+) -> bool:
+    """Whether :func:`hu_from_stored` applies the RSNA 12-bit fix to these parameters."""
+    return bits_stored == 12 and pixel_representation == 0 and intercept > -100
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """The parameters of :func:`hu_from_stored` for one slice (hashable: a slice cache maps
+    stored values through one lookup table per distinct rescale)."""
+
+    slope: float
+    intercept: float
+    bits_stored: int | None = None
+    pixel_representation: int | None = None
+    padding_value: float | None = None
+
+    def hu(self, stored: np.ndarray) -> np.ndarray:
+        """``stored`` in HU (float32)."""
+        return hu_from_stored(
+            stored,
+            self.slope,
+            self.intercept,
+            self.bits_stored,
+            self.pixel_representation,
+            self.padding_value,
+        )[0]
+
+
 @dataclass
 class DecodedSlice:
     """One slice in HU and how its rescale was obtained.
 
-    ``hu`` is None where the pixels went elsewhere (the slice cache keeps only its windows);
-    ``shape`` is always the decoded ``(rows, columns)``. ``stored_range`` and ``has_air`` (what
-    the rescale rule looks at) are measured only when ``intercept_missing``, else (0, 0) and
-    False.
+    ``hu`` is None where the pixels went elsewhere (the slice cache keeps only its windows) or
+    were kept as stored values: then ``stored`` and ``rescale`` hold them (``rescale.hu(stored)``
+    is the HU). ``shape`` is always the decoded ``(rows, columns)``. ``stored_range`` and
+    ``has_air`` (what the rescale rule looks at) are measured only when ``intercept_missing``,
+    else (0, 0) and False.
     """
 
     hu: np.ndarray | None
@@ -90,6 +121,8 @@ class DecodedSlice:
     stored_range: tuple[float, float]
     has_air: bool
     shape: tuple[int, int] = (0, 0)
+    stored: np.ndarray | None = None
+    rescale: Rescale | None = None
 
 
 def pixel_problem(header: SliceHeader) -> str | None:
@@ -136,24 +169,41 @@ def decode_slice(path: Path) -> DecodedSlice:
         InputError: the pixels cannot be decoded, or the rescale is present but unusable
             (RescaleSlope 0 or not a finite number).
     """
-    return _decode_dataset(path, _dcmread_full(path))
+    try:
+        size: int | None = path.stat().st_size
+    except OSError:
+        size = None  # the read itself says why
+    return _decode_dataset(path, _dcmread_full(path, size))
 
 
-def _dcmread_full(path: Path):
+IN_MEMORY_PARSE_BYTES = 64 * 1024**2
+"""Files up to this size are read with one system call and parsed from memory: pydicom reads
+an element at a time, and from a file object each small read costs a buffered-I/O round trip
+(a 256 px slice parsed in 0.6 ms from memory against 0.8-1.1 ms from its path)."""
+
+
+def _dcmread_full(path: Path, file_size: int | None = None):
     """The whole dataset, pixels included (raw dumps without a preamble too)."""
+    import io
+
     pydicom = quiet_pydicom()
     from pydicom.errors import InvalidDicomError
 
     with py_warnings.catch_warnings():
         py_warnings.simplefilter("ignore")
         try:
+            source: Any = path
+            if file_size is not None and file_size <= IN_MEMORY_PARSE_BYTES:
+                source = io.BytesIO(path.read_bytes())
             try:
-                return pydicom.dcmread(path)
+                return pydicom.dcmread(source)
             except InvalidDicomError:
                 # No preamble: read it anyway when it starts like a raw dataset.
                 if not looks_like_raw_dataset(path):
                     raise
-                return pydicom.dcmread(path, force=True)
+                if isinstance(source, io.BytesIO):
+                    source.seek(0)
+                return pydicom.dcmread(source, force=True)
         except Exception as error:
             raise InputError(path, f"cannot read file ({one_line(error)})") from None
 
@@ -207,8 +257,11 @@ def _stored_pixels(ds, values: ElementValues) -> np.ndarray:
     return get_decoder(syntax).as_array(raw.value, **options)[0]
 
 
-def _decode_dataset(path: Path, ds, values: ElementValues | None = None) -> DecodedSlice:
-    """:func:`decode_slice` on a dataset already read in full."""
+def _decode_dataset(
+    path: Path, ds, values: ElementValues | None = None, keep_stored: bool = False
+) -> DecodedSlice:
+    """:func:`decode_slice` on a dataset already read in full (``keep_stored``: the stored
+    values and their :class:`Rescale` instead of HU)."""
     values = values or ElementValues(ds)
     with py_warnings.catch_warnings():
         py_warnings.simplefilter("ignore")
@@ -232,16 +285,16 @@ def _decode_dataset(path: Path, ds, values: ElementValues | None = None) -> Deco
     intercept, intercept_problem = _rescale_value(values, "RescaleIntercept")
     if problem or intercept_problem:
         raise InputError(path, problem or intercept_problem)
-    padding = as_float(values.get("PixelPaddingValue"))
     pixel_representation = as_int(values.get("PixelRepresentation"))
-    hu, fixed = hu_from_stored(
-        stored,
+    rescale = Rescale(
         slope=1.0 if slope is None else slope,
         intercept=0.0 if intercept is None else intercept,
         bits_stored=as_int(values.get("BitsStored")),
         pixel_representation=pixel_representation,
-        padding_value=padding,
+        padding_value=as_float(values.get("PixelPaddingValue")),
     )
+    fixed = needs_12bit_fix(rescale.bits_stored, pixel_representation, rescale.intercept)
+    hu = None if keep_stored else rescale.hu(stored)
     # What the rescale rule looks at, needed only for a slice without RescaleIntercept.
     low = high = 0.0
     has_air = False
@@ -257,7 +310,9 @@ def _decode_dataset(path: Path, ds, values: ElementValues | None = None) -> Deco
         signed=pixel_representation == 1 or np.issubdtype(stored.dtype, np.signedinteger),
         stored_range=(low, high),
         has_air=has_air,
-        shape=(int(hu.shape[0]), int(hu.shape[1])),
+        shape=(int(stored.shape[0]), int(stored.shape[1])),
+        stored=stored if keep_stored else None,
+        rescale=rescale if keep_stored else None,
     )
 
 
@@ -279,7 +334,7 @@ class ParsedFile:
     ignored: str | None = None
 
 
-def parse_file(path: str | Path, decode: bool = True) -> ParsedFile:
+def parse_file(path: str | Path, decode: bool = True, keep_stored: bool = False) -> ParsedFile:
     """Read one file once: its header for grouping and sorting, and its pixels in HU.
 
     The single pass of the fast readers. Outcomes are those of :func:`read_header` followed by
@@ -290,24 +345,26 @@ def parse_file(path: str | Path, decode: bool = True) -> ParsedFile:
     Args:
         path: the file.
         decode: also decode the pixels (False: header only, like :func:`read_header`).
+        keep_stored: give the decoded slice's stored values and rescale instead of its HU
+            (:class:`DecodedSlice`).
     """
     path = Path(path)
     with py_warnings.catch_warnings():
         py_warnings.simplefilter("ignore")
         try:
-            return _parse(path, decode)
+            return _parse(path, decode, keep_stored)
         except NotAnImage as other:
             return ParsedFile(path, ignored=other.reason)
         except InputError as error:
             return ParsedFile(path, skipped=error.reason)
 
 
-def _parse(path: Path, decode: bool) -> ParsedFile:
+def _parse(path: Path, decode: bool, keep_stored: bool = False) -> ParsedFile:
     file_size = checked_file_size(path)
     ds, read_error = None, None
     if decode:
         try:
-            ds = _dcmread_full(path)
+            ds = _dcmread_full(path, file_size)
         except InputError as error:
             read_error = error.reason
     if ds is None:
@@ -326,7 +383,7 @@ def _parse(path: Path, decode: bool) -> ParsedFile:
         parsed.decode_error = read_error
         return parsed
     try:
-        parsed.decoded = _decode_dataset(path, ds, values)
+        parsed.decoded = _decode_dataset(path, ds, values, keep_stored)
     except InputError as error:
         parsed.decode_error = error.reason
     return parsed

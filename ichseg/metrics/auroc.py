@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from ichseg.metrics._base import as_2d, check_pair, divide, has_both_labels
 
@@ -42,7 +41,9 @@ def auroc(y_true: Any, y_score: Any) -> np.ndarray:
 def _rank_auroc(t: np.ndarray, s: np.ndarray) -> np.ndarray:
     if t.shape[0] == 0:
         return np.full(t.shape[1], np.nan)
-    ranks = stats.rankdata(s, axis=0)  # average ranks over ties
+    from scipy.stats import rankdata  # here: scipy.stats takes ~1 s to import
+
+    ranks = rankdata(s, axis=0)  # average ranks over ties
     n_pos = t.sum(axis=0)
     n_neg = t.shape[0] - n_pos
     rank_sum = (ranks * t).sum(axis=0)

@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 
 def cluster_resampler(
@@ -130,5 +129,7 @@ def mean_ci(values: Sequence[float], alpha: float = 0.05) -> tuple[float, float,
     mean = float(v.mean())
     if v.size < 2:
         return mean, math.nan, math.nan
+    from scipy import stats  # here: scipy.stats takes ~1 s to import
+
     half = float(stats.t.ppf(1.0 - alpha / 2.0, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
     return mean, mean - half, mean + half

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from ichseg.config import DataConfig, MaskingConfig, RunConfig
 from ichseg.errors import ConfigError, InputError
 from ichseg.preprocess.windowing import neighbour_index
 from ichseg.volume import CTVolume
+
+if TYPE_CHECKING:
+    from ichseg.io.dicom_pixels import Rescale
 
 Masker = Callable[[CTVolume], np.ndarray]
 
@@ -218,6 +222,47 @@ class Preprocessor:
             self.data.context,
         )
 
+    def stored_slice(self, stored: np.ndarray, rescale: Rescale) -> tuple[np.ndarray, bool] | None:
+        """One slice given as stored DICOM values: its uint8 ``(W, S, S)`` windows and its
+        slice-filter flag, the same arrays as :meth:`__call__` on its HU.
+
+        Every unmasked step up to the resize works on each pixel alone, so they are looked up
+        in tables of every stored value instead of computed (the resize, when the slice is not
+        ``image_size`` already, and the quantisation follow as in :meth:`__call__`): several
+        times faster for the slice cache's file-by-file build.
+
+        None where tables do not apply: masking (a whole-series step) or stored values other
+        than native 8- or 16-bit integers.
+        """
+        if (
+            self.masking.enabled
+            or self.source_kind != "hu"
+            or stored.ndim != 2
+            or stored.dtype.kind not in "iu"
+            or stored.dtype.itemsize > 2
+            or not stored.dtype.isnative
+        ):
+            return None
+        tables = _stored_value_tables(rescale, stored.dtype.str, self._window_key)
+        index = stored.view(f"u{stored.dtype.itemsize}")
+        size = (self.data.image_size, self.data.image_size)
+        if stored.shape == size:
+            images = np.take(tables.quantised, index, axis=1)
+        else:
+            from ichseg.preprocess.windowing import resize_slices
+
+            windowed = np.take(tables.windowed, index, axis=1)
+            images = _quantise(resize_slices(windowed, size))
+        fraction = self.data.min_brain_fraction
+        keep = fraction <= 0 or bool(np.take(tables.in_brain_range, index).mean() >= fraction)
+        return images, keep
+
+    @property
+    def _window_key(self) -> tuple[tuple[float, float], ...]:
+        from ichseg.preprocess.windowing import resolve_window
+
+        return tuple((w.center, w.width) for w in map(resolve_window, self.data.windows))
+
     def image(self, path: str | Path) -> np.ndarray:
         """uint8 ``(C, S, S)`` classifier input of one windowed PNG/JPG."""
         if self.source_kind != "images":
@@ -231,6 +276,35 @@ class Preprocessor:
         size = (self.data.image_size, self.data.image_size)
         pixels = load_image(path, channels=1 if self.channels == 1 else 3, size=size)
         return _quantise(pixels)
+
+
+@dataclass(frozen=True)
+class _StoredValueTables:
+    """Per stored value (indexed by its bit pattern read as unsigned): float32 ``(W, N)``
+    windows, their uint8 ``(W, N)`` quantisation and the bool ``(N,)`` brain-range flag."""
+
+    windowed: np.ndarray
+    quantised: np.ndarray
+    in_brain_range: np.ndarray
+
+
+@lru_cache(maxsize=16)
+def _stored_value_tables(
+    rescale: Rescale, dtype: str, windows: tuple[tuple[float, float], ...]
+) -> _StoredValueTables:
+    """The tables of one rescale and stored type (~1 MB for 16-bit values).
+
+    Computed with the very functions :meth:`Preprocessor.__call__` applies to a slice (HU
+    conversion, windows, quantisation, the brain-range test), each of them per pixel, so a
+    lookup gives exactly their result.
+    """
+    from ichseg.preprocess.windowing import in_range, stack_windows
+
+    stored_type = np.dtype(dtype)
+    every = np.arange(2 ** (8 * stored_type.itemsize), dtype=f"u{stored_type.itemsize}")
+    hu = rescale.hu(every.view(stored_type))[None]  # one (1, N) slice
+    windowed = stack_windows(hu, windows)[:, 0]
+    return _StoredValueTables(windowed, _quantise(windowed), in_range(hu)[0])
 
 
 def _quantise(channels: np.ndarray) -> np.ndarray:

@@ -108,11 +108,16 @@ def neighbour_index(num_slices: int, context: int) -> np.ndarray:
     return np.clip(np.arange(num_slices)[:, None] + offsets[None, :], 0, num_slices - 1)
 
 
+def in_range(hu: np.ndarray, hu_range: tuple[float, float] = BRAIN_HU_RANGE) -> np.ndarray:
+    """Boolean per pixel: ``hu_range[0] <= hu <= hu_range[1]``."""
+    hu = np.asarray(hu)
+    return (hu >= hu_range[0]) & (hu <= hu_range[1])
+
+
 def brain_fraction(hu: np.ndarray, hu_range: tuple[float, float] = BRAIN_HU_RANGE) -> np.ndarray:
     """Fraction of pixels within ``hu_range`` per slice (over the last two axes)."""
     hu = np.asarray(hu)
-    inside = (hu >= hu_range[0]) & (hu <= hu_range[1])
-    return inside.reshape(*hu.shape[:-2], -1).mean(axis=-1)
+    return in_range(hu, hu_range).reshape(*hu.shape[:-2], -1).mean(axis=-1)
 
 
 def nonblank_slices(
