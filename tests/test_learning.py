@@ -2,7 +2,8 @@
 
 A trainer that runs but does not learn passes every other test; this one fails on it. It trains
 a small ResNet-18 on classically masked 96-pixel slices of 120 phantom studies (patient-level
-split, bleeds of realistic size and HU) and scores the test patients once.
+split, bleeds of realistic size and HU) and scores the test patients once, with probabilities
+calibrated on the validation patients.
 """
 
 from __future__ import annotations
@@ -44,3 +45,7 @@ def test_a_small_classifier_learns_on_held_out_phantom_patients(tmp_path: Path) 
     assert metrics["split"] == "test"
     assert metrics["auroc_any"] >= 0.9, metrics["per_class"]["any"]
     assert metrics["series_auroc_any"] >= 0.9
+    # Temperatures fitted on the validation patients carry over to the test patients.
+    slices = metrics["calibration"]["slices"]
+    assert slices["after"]["mean_ece"] < slices["before"]["mean_ece"]
+    assert slices["mean_ece_change"]["value"] < 0

@@ -55,10 +55,46 @@ def test_temperature_scaling_lowers_held_out_ece() -> None:
     before, after = summary["slices"]["before"], summary["slices"]["after"]
     assert after["mean_ece"] < before["mean_ece"] / 2
     assert after["mean_brier"] < before["mean_brier"]
-    assert set(summary["series"]) == {"aggregation", "before", "after"}
+    assert set(summary["series"]) == {"aggregation", "before", "after", "mean_ece_change"}
+    # Without patients there is no interval, only the paired change itself.
+    change = summary["slices"]["mean_ece_change"]
+    assert change["value"] == pytest.approx(after["mean_ece"] - before["mean_ece"])
+    assert change["ci_low"] is None and change["resampled"] is None
     # Temperature scaling never reorders a class: the calibrated ranking is the same.
     calibrated = calibration.apply(held_prob)
     assert (np.argsort(calibrated[:, 0]) == np.argsort(held_prob[:, 0])).mean() > 0.99
+
+
+def test_ece_change_interval_resamples_patients_and_pairs_the_two_ece() -> None:
+    from ichseg.engine.calibrate import calibration_markdown, mean_ece_change
+
+    labels, prob, _ = _overconfident(2400, 4)
+    patients = np.repeat(np.arange(60), 40)
+    fixed = 1 / (1 + np.exp(-np.log(prob / (1 - prob)) / 3))  # the true probabilities
+    change = mean_ece_change(labels, prob, fixed, patients, n_boot=300)
+    # ECE is biased upwards on resamples (duplicated rows), so the percentile interval need not
+    # hold the point estimate; both lie well below 0 here.
+    assert change["value"] < -0.05 and change["ci_low"] < change["ci_high"] < 0
+    assert change["resampled"] == "patients" and change["n_boot"] == 300
+    # The same probabilities before and after: exactly no change on every resample.
+    same = mean_ece_change(labels, prob, prob, patients, n_boot=50)
+    assert same["value"] == same["ci_low"] == same["ci_high"] == 0.0
+    summary = {
+        "method": "temperature",
+        "fitted_on": "validation split",
+        "level": "slice",
+        "tta": "none",
+        "note": None,
+        "ece_bins": 15,
+        "slices": {
+            "before": {"brier": {}, "ece": {}, "mean_brier": 0.1, "mean_ece": 0.2},
+            "after": {"brier": {}, "ece": {}, "mean_brier": 0.1, "mean_ece": 0.1},
+            "mean_ece_change": change,
+        },
+    }
+    text = calibration_markdown(summary, [])
+    assert f"{change['value']:+.4f}, 95 % CI [{change['ci_low']:+.4f}" in text
+    assert "test patients (300 resamples" in text
 
 
 def test_scan_level_labels_are_calibrated_on_series_maxima() -> None:

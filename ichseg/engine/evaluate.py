@@ -231,8 +231,8 @@ def evaluate_run(
         else ("validation split (used to choose thresholds and for early stopping: optimistic)")
     )
     series = slices.series[idx]
-    evidence = _evidence(config, slices, truth, raw, prob, series)
-    metrics["calibration"] = calibration_summary(calibration, evidence)
+    evidence = _evidence(config, slices, truth, raw, prob, series, slices.groups[idx])
+    metrics["calibration"] = calibration_summary(calibration, evidence, config.eval.n_boot)
     metrics["tta"] = _tta_record(tta, timer, seconds)
     out = run_dir / EVAL_DIR / eval_folder(split, tta)
     sections = []
@@ -274,7 +274,7 @@ def _calibrate(
     return calibration, calibration.apply(val_raw), calibration.apply(raw)
 
 
-def _evidence(config, slices, truth, raw, prob, series):
+def _evidence(config, slices, truth, raw, prob, series, groups):
     from ichseg.engine.calibrate import CalibrationEvidence
 
     return CalibrationEvidence(
@@ -286,6 +286,7 @@ def _evidence(config, slices, truth, raw, prob, series):
         config.task.mode,
         config.eval.aggregation,
         slices.label_level,
+        groups,
     )
 
 
