@@ -706,6 +706,14 @@ def evaluate_segmenter_command(
         bool | None,
         typer.Option("--vote/--no-vote", help="Override giving each bleed one subtype."),
     ] = None,
+    extra_axial_shape: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Override the extra-axial shape rule: a bleed is subdural when its volume "
+            "over its thickness cubed is above this value, else epidural (0: off).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Dice and volume error per subtype, ABC/2 and Bland-Altman of a hemorrhage segmenter."""
@@ -734,6 +742,7 @@ def evaluate_segmenter_command(
         restrict_to_intracranial=restrict,
         min_component_ml=min_component_ml,
         component_vote=vote,
+        extra_axial_shape=extra_axial_shape,
         cases_description=described,
         progress=not quiet,
     )

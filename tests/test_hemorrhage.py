@@ -224,6 +224,32 @@ def test_component_vote_gives_each_bleed_one_subtype():
     np.testing.assert_array_equal(postprocess_label_map(labels, volume), labels)
 
 
+def test_extra_axial_bleeds_are_labelled_by_their_flatness():
+    volume = grid_volume(shape=(24, 80, 80), spacing=(2.0, 1.0, 1.0))
+    z, y, x = np.meshgrid(np.arange(24) * 2.0, np.arange(80.0), np.arange(80.0), indexing="ij")
+    labels = np.zeros(volume.shape, np.uint8)
+    # A thick lens labelled subdural: 14 mm thick, 30 mm across (V / T^3 ~ 2).
+    lens = ((z - 24) / 7) ** 2 + ((y - 20) / 15) ** 2 + ((x - 20) / 15) ** 2 < 1
+    labels[lens] = 5
+    # A thin sheet labelled epidural: 4 mm thick, 70 mm x 40 mm (V / T^3 ~ 35).
+    sheet = (np.abs(z - 10) <= 2) & (np.abs(y - 60) < 20) & (np.abs(x - 40) < 35)
+    labels[sheet] = 1
+    labels[2:6, 30:40, 50:60] = 2  # intraparenchymal: never touched
+    relabelled = postprocess_label_map(labels, volume, extra_axial_shape=9.0)
+    assert (relabelled[lens] == 1).all() and (relabelled[sheet] == 5).all()
+    np.testing.assert_array_equal(relabelled == 2, labels == 2)
+    assert labels[lens].max() == 5  # the input is not modified
+    # Off (0), or a threshold no bleed reaches: the U-Net's labels stay.
+    np.testing.assert_array_equal(postprocess_label_map(labels, volume), labels)
+    none_flat = postprocess_label_map(labels, volume, extra_axial_shape=1e6)
+    assert (none_flat[lens] == 1).all() and (none_flat[sheet] == 1).all()
+    # One label per connected bleed, whatever mix the U-Net gave it.
+    mixed = labels.copy()
+    mixed[sheet & (x < 40)] = 5
+    both = postprocess_label_map(mixed, volume, extra_axial_shape=9.0)
+    assert (both[sheet] == 5).all()
+
+
 def test_predict_volume_applies_the_configured_post_processing(hemorrhage_checkpoint):
     segmenter = load_segmenter(hemorrhage_checkpoint)
     volume = study_to_volume(generate_study(STUDY_SEED, STUDY_CONFIG))
@@ -364,7 +390,16 @@ def test_evaluate_segmenter_command_on_phantom_studies(hemorrhage_checkpoint, tm
         "restrict_to_intracranial": False,
         "min_component_ml": 0.0,
         "component_vote": False,
+        "extra_axial_shape": 0.0,
     }
+    shaped = runner.invoke(
+        app,
+        ["evaluate-segmenter", str(hemorrhage_checkpoint), str(tmp_path / "shape"), *args]
+        + ["--extra-axial-shape", "9", "--quiet"],
+    )
+    assert shaped.exit_code == 0, shaped.output
+    record = json.loads((tmp_path / "shape" / "metrics.json").read_text())["postprocessing"]
+    assert record["extra_axial_shape"] == 9.0
 
 
 # --- volumes -------------------------------------------------------------------------------------

@@ -348,6 +348,7 @@ def evaluate_hemorrhage_segmenter(
     restrict_to_intracranial: bool | None = None,
     min_component_ml: float | None = None,
     component_vote: bool | None = None,
+    extra_axial_shape: float | None = None,
     cases_description: str = "",
     progress: bool = False,
     device: str = "cpu",
@@ -362,6 +363,7 @@ def evaluate_hemorrhage_segmenter(
         restrict_to_intracranial: override the checkpoint's post-processing setting.
         min_component_ml: override the checkpoint's smallest kept bleed.
         component_vote: override the checkpoint's one-subtype-per-bleed setting.
+        extra_axial_shape: override the checkpoint's extra-axial shape rule (0: off).
         cases_description: how the cases were made, for the report.
         progress: progress output.
         device: torch device.
@@ -386,6 +388,7 @@ def evaluate_hemorrhage_segmenter(
     )
     minimum = segmenter.config.min_component_ml if min_component_ml is None else min_component_ml
     vote = segmenter.config.component_vote if component_vote is None else component_vote
+    shape = segmenter.config.extra_axial_shape if extra_axial_shape is None else extra_axial_shape
     rows = []
     for case in progress_bar(cases, desc="evaluate", unit="case", enabled=progress):
         reference = np.asarray(case.reference)
@@ -396,6 +399,7 @@ def evaluate_hemorrhage_segmenter(
             restrict_to_intracranial=restrict,
             min_component_ml=minimum,
             component_vote=vote,
+            extra_axial_shape=shape,
         )
         rows.append({"case": case.name, **case_measurements(predicted, reference, case.volume)})
     if not rows:
@@ -406,6 +410,7 @@ def evaluate_hemorrhage_segmenter(
             "restrict_to_intracranial": bool(restrict),
             "min_component_ml": float(minimum),
             "component_vote": bool(vote),
+            "extra_axial_shape": float(shape),
         },
         "n_cases": len(rows),
         "cases": cases_description,

@@ -86,6 +86,11 @@ class SegmenterConfig(BaseModel):
     min_component_ml: float = Field(0.0, ge=0.0)
     # Each connected bleed takes the subtype most of its voxels have.
     component_vote: bool = False
+    # Extra-axial shape rule (0: off): each connected extra-axial bleed (voxels labelled
+    # epidural or subdural) becomes subdural when its volume over the cube of its thickness is
+    # above this value (a wide, thin crescent along the inner table), epidural otherwise (a
+    # thick biconvex lens): the radiological sign the U-Net's local view does not capture.
+    extra_axial_shape: float = Field(0.0, ge=0.0)
 
     @field_validator("windows")
     @classmethod
@@ -193,6 +198,7 @@ def postprocess_label_map(
     intracranial_mask: np.ndarray | None = None,
     min_component_ml: float = 0.0,
     component_vote: bool = False,
+    extra_axial_shape: float = 0.0,
 ) -> np.ndarray:
     """A hemorrhage label map without voxels outside the intracranial space or tiny bleeds.
 
@@ -205,6 +211,8 @@ def postprocess_label_map(
             than this are removed; 0 keeps every one.
         component_vote: give every voxel of a connected bleed the subtype most of its voxels
             have (ties go to the lower code).
+        extra_axial_shape: then relabel each connected extra-axial bleed by its flatness
+            (:func:`extra_axial_by_shape`); 0 keeps the labels.
 
     Returns:
         A new uint8 label map.
@@ -219,7 +227,7 @@ def postprocess_label_map(
     if intracranial_mask is not None:
         labels[np.asarray(intracranial_mask) == 0] = 0
     if not labels.any() or (min_component_ml <= 0 and not component_vote):
-        return labels
+        return extra_axial_by_shape(labels, volume.spacing, extra_axial_shape)
     components, count = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), dtype=bool))
     if min_component_ml > 0:
         voxel_ml = slab_thicknesses_mm(volume) * pixel_area_mm2(volume) / 1000.0
@@ -238,6 +246,49 @@ def postprocess_label_map(
         votes[:, 0] = 0
         winner = votes.argmax(axis=1).astype(np.uint8)
         labels[inside] = winner[components[inside]]
+    return extra_axial_by_shape(labels, volume.spacing, extra_axial_shape)
+
+
+def extra_axial_by_shape(
+    labels: np.ndarray, spacing: tuple[float, float, float], threshold: float
+) -> np.ndarray:
+    """Epidural or subdural by shape, one label per connected extra-axial bleed.
+
+    For each 26-connected bleed of epidural and subdural voxels: its flatness ``V / T^3``, with
+    ``V`` its volume (mm^3) and ``T`` its thickness, the diameter of the largest ball inside it
+    (twice the largest 3D distance to its border, in mm with the voxel spacing, so that slices
+    cutting a bleed obliquely near the vertex do not make it look thick). A subdural crescent
+    spreads thinly along the inner table (large ``V / T^3``); an epidural lens is thick for its
+    extent (small ``V / T^3``).
+
+    Args:
+        labels: uint8 ``(z, y, x)`` label map (codes of ``ichseg.volume.HEMORRHAGE_CODES``).
+        spacing: ``(z, y, x)`` voxel spacing in mm.
+        threshold: above it a bleed is subdural, else epidural; 0 returns ``labels``.
+
+    Returns:
+        The label map (a new array when relabelled).
+    """
+    from scipy import ndimage
+
+    from ichseg.volume import HEMORRHAGE_CODES
+
+    code_of = {name: code for code, name in HEMORRHAGE_CODES.items()}
+    epidural, subdural = code_of["epidural"], code_of["subdural"]
+    extra_axial = np.isin(labels, (epidural, subdural))
+    if threshold <= 0 or not extra_axial.any():
+        return labels
+    labels = labels.copy()
+    spacing = tuple(float(v) for v in spacing)
+    voxel_mm3 = spacing[0] * spacing[1] * spacing[2]
+    components, count = ndimage.label(extra_axial, structure=np.ones((3, 3, 3), dtype=bool))
+    for box, code in zip(ndimage.find_objects(components), range(1, count + 1), strict=True):
+        bleed = components[box] == code
+        # A border of background all round, so the distance is to the bleed's own surface.
+        depth = ndimage.distance_transform_edt(np.pad(bleed, 1), sampling=spacing)
+        thickness = 2.0 * float(depth.max())
+        flatness = float(bleed.sum()) * voxel_mm3 / thickness**3
+        labels[box][bleed] = subdural if flatness > threshold else epidural
     return labels
 
 
@@ -309,6 +360,7 @@ class Segmenter:
         restrict_to_intracranial: bool | None = None,
         min_component_ml: float | None = None,
         component_vote: bool | None = None,
+        extra_axial_shape: float | None = None,
     ) -> np.ndarray:
         """uint8 ``(z, y, x)`` mask or label map of a CT volume, post-processed on its geometry.
 
@@ -323,6 +375,7 @@ class Segmenter:
             restrict_to_intracranial: override of ``config.restrict_to_intracranial``.
             min_component_ml: override of ``config.min_component_ml``.
             component_vote: override of ``config.component_vote``.
+            extra_axial_shape: override of ``config.extra_axial_shape``.
         """
         labels = self.predict(volume.hu, batch_size)
         if self.config.target != "hemorrhage":
@@ -338,8 +391,9 @@ class Segmenter:
 
             intracranial_mask = classical_intracranial_mask(volume.hu, volume.spacing)
         vote = self.config.component_vote if component_vote is None else component_vote
+        shape = self.config.extra_axial_shape if extra_axial_shape is None else extra_axial_shape
         return postprocess_label_map(
-            labels, volume, intracranial_mask if restrict else None, minimum, vote
+            labels, volume, intracranial_mask if restrict else None, minimum, vote, shape
         )
 
     def __call__(self, volume) -> np.ndarray:
