@@ -189,8 +189,17 @@ def test_a_killed_build_resumes_with_its_finished_shards(flat_data, tmp_path: Pa
     assert 2 <= len(shards) < len(plan["shards"])
     before = {name: _files(folder / name) for name in shards}
 
-    resumed = build_slices(config, progress=False, workers=1, shard_slices=4, per_slice=per_slice)
+    # A file-by-file build resumes with the plan it finds, even where this build would cut
+    # shards of another size (the default is 256 files; the killed build used 4).
+    resumed = build_slices(
+        config,
+        progress=False,
+        workers=1,
+        shard_slices=None if per_slice else 4,
+        per_slice=per_slice,
+    )
     assert resumed.folder == folder
+    assert json.loads((folder / "plan.json").read_text())["shards"] == plan["shards"]
     assert {name: _files(folder / name) for name in shards} == before  # not rewritten
 
     fresh = build_slices(

@@ -300,8 +300,15 @@ def mean_ece_change(
 ) -> dict[str, Any]:
     """Mean ECE over classes after calibration minus before, on the same rows, with a 95 %
     interval from the paired patient-level bootstrap of ``ichseg.metrics.compare`` (both ECEs
-    on each resample). The calibration map itself is held fixed: the interval covers
-    test-patient sampling, not the fit on validation.
+    on each resample).
+
+    The interval is the basic (reflected) bootstrap interval: ECE is biased upwards on
+    resamples, whose duplicated patients behave like a smaller sample, and more so for the
+    better calibrated probabilities, so the resampled changes sit above the estimate and their
+    plain percentile interval is shifted by that bias; reflecting them about the estimate
+    shifts it back (when the bias exceeds the spread, neither interval holds the raw estimate,
+    itself biased). The calibration map is held fixed: the interval covers the sampling of the
+    scored patients, not the fit on validation.
 
     Args:
         labels: the rows' labels (any layout of :func:`expected_calibration_error`).
@@ -314,27 +321,31 @@ def mean_ece_change(
     from ichseg.metrics.compare import paired_bootstrap
 
     value = _mean_ece(labels, after) - _mean_ece(labels, before)
+    record: dict[str, Any] = {
+        "value": value if math.isfinite(value) else None,
+        "ci_low": None,
+        "ci_high": None,
+        "p_value": None,
+        "interval": None,
+        "resampled": None,
+        "n_boot": 0,
+        "n_valid": 0,
+    }
     if groups is None or n_boot < 1 or not math.isfinite(value):
-        return {
-            "value": value if math.isfinite(value) else None,
-            "ci_low": None,
-            "ci_high": None,
-            "p_value": None,
-            "resampled": None,
-            "n_boot": 0,
-        }
-    paired = paired_bootstrap(_mean_ece, labels, before, after, groups, n_boot, seed)
+        return record
+    paired = paired_bootstrap(_mean_ece, labels, before, after, groups, n_boot, seed, 0.05, "basic")
 
     def finite(number: float) -> float | None:
         return float(number) if math.isfinite(number) else None
 
-    return {
-        "value": value,
+    return record | {
         "ci_low": finite(paired.ci_low),
         "ci_high": finite(paired.ci_high),
         "p_value": finite(paired.p_value),
+        "interval": "basic bootstrap",
         "resampled": "patients",
         "n_boot": paired.n_boot,
+        "n_valid": paired.n_valid,
     }
 
 
@@ -345,7 +356,10 @@ def _mean_ece(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def calibration_summary(
-    calibration: RunCalibration, evidence: CalibrationEvidence, n_boot: int = 1000
+    calibration: RunCalibration,
+    evidence: CalibrationEvidence,
+    n_boot: int = 1000,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Brier score and ECE per class before and after calibration, slices and series, and the
     paired change of the mean ECE with its patient-level interval (:func:`mean_ece_change`).
@@ -354,6 +368,8 @@ def calibration_summary(
         calibration: the run's calibration (method and provenance are recorded).
         evidence: the evaluated rows' labels and probabilities.
         n_boot: bootstrap resamples of the ECE change's interval.
+        split: the split the evidence comes from (``"val"``: the map was fitted on these very
+            patients, which the report says).
     """
     summary: dict[str, Any] = {
         "method": calibration.method,
@@ -362,6 +378,7 @@ def calibration_summary(
         "tta": calibration.tta,
         "note": calibration.note,
         "ece_bins": ECE_BINS,
+        "scored_split": split,
     }
     for level, labels, before, after, groups in evidence.levels_with_groups():
         summary[level] = {
@@ -426,21 +443,29 @@ def calibration_markdown(summary: dict[str, Any], names: list[str]) -> str:
             f"| mean | {_fmt(before['mean_brier'])} | {_fmt(after['mean_brier'])} | "
             f"{_fmt(before['mean_ece'])} | {_fmt(after['mean_ece'])} |"
         )
-        lines += ["", _ece_change_sentence(part.get("mean_ece_change")), ""]
+        change = _ece_change_sentence(part.get("mean_ece_change"), summary.get("scored_split"))
+        lines += ["", change, ""]
     return "\n".join(lines) + "\n"
 
 
-def _ece_change_sentence(change: dict[str, Any] | None) -> str:
+def _ece_change_sentence(change: dict[str, Any] | None, split: str | None) -> str:
     if not change or change.get("value") is None:
         return "Mean ECE change: n/a."
     text = f"Mean ECE change (after - before, same rows): {change['value']:+.4f}"
     if change.get("ci_low") is None:
         return text + " (no interval)."
     p_value = change.get("p_value")
+    split_name = {"val": "validation", "test": "test"}.get(split or "", split or "scored")
+    in_sample = (
+        " In-sample: the calibration was fitted on these validation patients."
+        if split == "val"
+        else ""
+    )
     return (
         text
         + f", 95 % CI [{change['ci_low']:+.4f}, {change['ci_high']:+.4f}]"
         + (f", p = {p_value:.3g}" if p_value is not None else "")
-        + f" by resampling test {change['resampled']} ({change['n_boot']} resamples; the "
-        "calibration map is held fixed)."
+        + f" ({change.get('interval') or 'bootstrap'} interval, {change['n_valid']} of "
+        f"{change['n_boot']} resamples of the {split_name} {change['resampled']}; the "
+        f"calibration map is held fixed).{in_sample}"
     )

@@ -232,7 +232,7 @@ def evaluate_run(
     )
     series = slices.series[idx]
     evidence = _evidence(config, slices, truth, raw, prob, series, slices.groups[idx])
-    metrics["calibration"] = calibration_summary(calibration, evidence, config.eval.n_boot)
+    metrics["calibration"] = calibration_summary(calibration, evidence, config.eval.n_boot, split)
     metrics["tta"] = _tta_record(tta, timer, seconds)
     out = run_dir / EVAL_DIR / eval_folder(split, tta)
     sections = []

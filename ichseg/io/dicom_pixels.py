@@ -291,7 +291,7 @@ def _decode_dataset(
         intercept=0.0 if intercept is None else intercept,
         bits_stored=as_int(values.get("BitsStored")),
         pixel_representation=pixel_representation,
-        padding_value=as_float(values.get("PixelPaddingValue")),
+        padding_value=_finite_or_none(as_float(values.get("PixelPaddingValue"))),
     )
     fixed = needs_12bit_fix(rescale.bits_stored, pixel_representation, rescale.intercept)
     hu = None if keep_stored else rescale.hu(stored)
@@ -314,6 +314,11 @@ def _decode_dataset(
         stored=stored if keep_stored else None,
         rescale=rescale if keep_stored else None,
     )
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """A NaN padding value matches no pixel: the same as none (and a hashable table key)."""
+    return value if value is not None and np.isfinite(value) else None
 
 
 @dataclass

@@ -36,6 +36,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
+from ichseg.options import look_up_option
+
 Metric = Callable[[Any, Any], float]
 """``metric(y_true_rows, y_prob_rows) -> float``; NaN when undefined on those rows."""
 
@@ -369,10 +371,23 @@ def _bootstrap_p(deltas: np.ndarray) -> float:
     return min(1.0, 2.0 * (1 + tail) / (deltas.size + 1))
 
 
+INTERVALS = ("percentile", "basic")
+"""Bootstrap intervals: ``percentile`` (the resampled deltas' quantiles) and ``basic`` (those
+reflected about the full-data delta, ``2 delta - d``: corrects a metric whose resamples are
+biased, e.g. the expected calibration error, which duplicated patients inflate)."""
+
+
 def _comparison(
-    estimate_a: float, estimate_b: float, deltas: np.ndarray, n_units: int, alpha: float
+    estimate_a: float,
+    estimate_b: float,
+    deltas: np.ndarray,
+    n_units: int,
+    alpha: float,
+    interval: str = "percentile",
 ) -> BootstrapComparison:
     """Summarise resampled deltas (NaN = invalid resample) around the full-data estimates."""
+    if interval == "basic":
+        deltas = 2.0 * (estimate_b - estimate_a) - deltas
     valid = deltas[~np.isnan(deltas)]
     low, high = _percentile_ci(valid, alpha)
     return BootstrapComparison(
@@ -404,6 +419,7 @@ def paired_bootstrap(
     n_boot: int = 2000,
     seed: int = 0,
     alpha: float = 0.05,
+    interval: str = "percentile",
 ) -> BootstrapComparison:
     """Paired cluster bootstrap of ``metric(b) - metric(a)`` on the same test cases.
 
@@ -421,13 +437,16 @@ def paired_bootstrap(
         n_boot: number of resamples.
         seed: random seed.
         alpha: 0.05 for a 95 % interval.
+        interval: ``"percentile"`` or ``"basic"`` (:data:`INTERVALS`); the p-value is taken
+            from the same (reflected, for ``basic``) deltas.
 
     Returns:
-        :class:`BootstrapComparison` with ``delta`` on the full data, the percentile interval
-        of the resampled deltas, and the p-value of :func:`_bootstrap_p`. A resample where
-        either metric is undefined is dropped (``n_valid`` counts the others).
+        :class:`BootstrapComparison` with ``delta`` on the full data, the interval of the
+        resampled deltas, and the p-value of :func:`_bootstrap_p`. A resample where either
+        metric is undefined is dropped (``n_valid`` counts the others).
     """
     _check_boot(n_boot, alpha)
+    look_up_option("bootstrap interval", interval, INTERVALS, ValueError)
     y = _rows(y_true, "y_true")
     a, b = _rows(prob_a, "prob_a"), _rows(prob_b, "prob_b")
     _check_predictions(y, [a, b], "prob_a/prob_b")
@@ -440,7 +459,7 @@ def paired_bootstrap(
             rows = sampler.draw(rng)
             yr = y[rows]
             deltas[i] = _metric_or_nan(metric, yr, b[rows]) - _metric_or_nan(metric, yr, a[rows])
-    return _comparison(estimate_a, estimate_b, deltas, sampler.n_units, alpha)
+    return _comparison(estimate_a, estimate_b, deltas, sampler.n_units, alpha, interval)
 
 
 def _seed_mean(
