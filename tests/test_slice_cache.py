@@ -110,6 +110,31 @@ def test_workers_hold_a_bounded_number_of_slices(flat_data, tmp_path: Path, monk
     assert max(seen) == 5 and sum(seen) == 24 and len(seen) >= 24 // 5
 
 
+def test_file_by_file_builds_window_through_the_stored_value_tables(
+    flat_data, tmp_path: Path, monkeypatch
+):
+    """Every decoded slice of an unmasked DICOM build takes the lookup-table path, none the
+    float one (both give the same arrays, so only this shows the fast path is used)."""
+    from ichseg.preprocess.pipeline import Preprocessor
+
+    flat, labels = flat_data
+    looked_up: list[bool] = []
+    real_lookup = Preprocessor.stored_slice
+
+    def counting(self, stored, rescale):
+        out = real_lookup(self, stored, rescale)
+        looked_up.append(out is not None)
+        return out
+
+    def float_path(self, volume, mask=None):
+        raise AssertionError("a slice went through the float path")
+
+    monkeypatch.setattr(Preprocessor, "stored_slice", counting)
+    monkeypatch.setattr(Preprocessor, "__call__", float_path)
+    build_slices(_config(flat, labels, tmp_path), progress=False, per_slice=True, workers=1)
+    assert len(looked_up) == 24 and all(looked_up)
+
+
 def test_masked_runs_need_whole_series(flat_data, tmp_path: Path):
     flat, labels = flat_data
     config = _config(flat, labels, tmp_path)

@@ -104,8 +104,9 @@ def build_per_slice(
         # A half-built cache of the same files (same key) resumes with its own shard
         # boundaries, whatever shard size this build would choose: the arrays are the same.
         earlier = json.loads(plan_path.read_text())
-        if earlier.get("files") == count and earlier.get("shards"):
-            shards = earlier["shards"]
+        if earlier.get("files") != count or not earlier.get("shards"):
+            raise InputError(folder, "a different build plan exists here; remove the folder")
+        shards = earlier["shards"]
     plan = {
         "version": CACHE_VERSION,
         "layout": PER_SLICE,
@@ -115,8 +116,6 @@ def build_per_slice(
         "preprocess": preprocessor.describe(),
         "data": identity,
     }
-    if plan_path.exists() and json.loads(plan_path.read_text()).get("shards") != shards:
-        raise InputError(folder, "a different build plan exists here; remove the folder")
     write_json(plan_path, plan)
     for path, reason in source.listing().skipped:
         log.warning("skipped %s: %s", path, reason)

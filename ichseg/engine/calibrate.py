@@ -229,8 +229,8 @@ def _measures(labels: np.ndarray, probabilities: np.ndarray, names: list[str]) -
         }
 
     def mean(values: np.ndarray) -> float | None:
-        finite = values[np.isfinite(values)]
-        return float(finite.mean()) if finite.size else None
+        value = _finite_mean(values)
+        return value if math.isfinite(value) else None
 
     return {
         "brier": per_class(brier),
@@ -238,6 +238,12 @@ def _measures(labels: np.ndarray, probabilities: np.ndarray, names: list[str]) -
         "mean_brier": mean(brier),
         "mean_ece": mean(ece),
     }
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    """Mean over the classes that have a value (NaN when none has)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
 
 
 @dataclass
@@ -350,9 +356,7 @@ def mean_ece_change(
 
 
 def _mean_ece(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    values = expected_calibration_error(labels, probabilities, ECE_BINS)
-    known = values[np.isfinite(values)]
-    return float(known.mean()) if known.size else math.nan
+    return _finite_mean(expected_calibration_error(labels, probabilities, ECE_BINS))
 
 
 def calibration_summary(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -257,8 +257,9 @@ class Preprocessor:
         keep = fraction <= 0 or bool(np.take(tables.in_brain_range, index).mean() >= fraction)
         return images, keep
 
-    @property
+    @cached_property
     def _window_key(self) -> tuple[tuple[float, float], ...]:
+        """The windows as ``(center, width)`` pairs, resolved once (looked up per slice)."""
         from ichseg.preprocess.windowing import resolve_window
 
         return tuple((w.center, w.width) for w in map(resolve_window, self.data.windows))
