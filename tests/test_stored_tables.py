@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -33,7 +36,13 @@ def _stored(dtype, shape, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("name", sorted(RESCALES))
 @pytest.mark.parametrize(
     ("shape", "image_size", "min_fraction"),
-    [((48, 48), 48, 0.0), ((48, 48), 48, 0.3), ((64, 64), 32, 0.0), ((100, 90), 24, 0.1)],
+    [
+        ((48, 48), 48, 0.0),
+        ((48, 48), 48, 0.3),
+        ((64, 64), 32, 0.0),
+        ((64, 64), 32, 0.3),
+        ((100, 90), 24, 0.1),
+    ],
 )
 def test_stored_slice_equals_the_hu_path(name, shape, image_size, min_fraction):
     dtype, rescale = RESCALES[name]
@@ -73,3 +82,24 @@ def test_parse_keeps_stored_values_that_give_the_same_hu(phantom_dir):
         assert as_stored.hu is None and as_hu.stored is None
         assert np.array_equal(as_stored.rescale.hu(as_stored.stored), as_hu.hu)
         assert as_stored.shape == as_hu.shape and as_stored.fixed_12bit == as_hu.fixed_12bit
+
+
+def test_twofold_shrink_of_stored_values_needs_no_torch():
+    # Cache workers build 512 -> 256 slices from stored values: importing torch there costs
+    # seconds per worker, more than the slices of a small folder take.
+    code = """
+import sys
+import numpy as np
+from ichseg.config import DataConfig, MaskingConfig
+from ichseg.io.dicom_pixels import Rescale
+from ichseg.preprocess.pipeline import Preprocessor
+stored = np.arange(64 * 64, dtype=np.int16).reshape(64, 64) - 1024
+images, _ = Preprocessor(DataConfig(image_size=32), MaskingConfig()).stored_slice(
+    stored, Rescale(1.0, -1024.0, 12, 1))
+assert images.shape == (3, 32, 32)
+print("torch" in sys.modules)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "False"

@@ -19,8 +19,10 @@ import numpy as np
 from ichseg.config import TaskConfig
 from ichseg.errors import InputError
 
-# 3: per-slice scan attributes; 4: slices shrunk past twofold resized with antialiasing.
-CACHE_VERSION = 4
+# 3: per-slice scan attributes; 4: slices shrunk past twofold resized with antialiasing;
+# 5: twofold shrinks as 2 x 2 block means in numpy (torch's order differed in the last bit
+# on small images).
+CACHE_VERSION = 5
 DISK_MARGIN = 1.05
 """Free disk needed, as a multiple of a build's estimate."""
 

@@ -137,7 +137,7 @@ def build_per_slice(
     )
     # Workers start by importing torch (seconds each): not worth it for a few hundred files.
     if workers > 1 and len(jobs) > 1 and count >= MIN_PARALLEL_FILES:
-        for done in ordered_map(_build_file_shard_job, jobs, min(workers, len(jobs)), workers):
+        for done in ordered_map(_build_file_shard_job, jobs, min(workers, len(jobs))):
             bar.update(done)
     else:
         for job in jobs:

@@ -84,17 +84,31 @@ def series_value(
     without the value gets the series' value, and a series without any gets the default, both
     flagged.
     """
+    # The slices of a series nearly always repeat one raw value: each distinct one is
+    # validated and rounded once (series assembly is serial, after a parallel build).
+    checked: dict[tuple[float, ...], tuple[np.ndarray | None, str | None, tuple]] = {}
     values: list[np.ndarray | None] = []
     kept = []
     for header in headers:
         raw = attribute.read(header)
-        try:
-            value = None if raw is None else np.asarray(attribute.validate(raw), np.float64)
-        except ValueError as error:
-            notes.drop(header, str(error))
+        if raw is None:
+            kept.append(header)
+            values.append(None)
+            continue
+        if raw not in checked:
+            try:
+                value = np.asarray(attribute.validate(raw), np.float64)
+            except ValueError as error:
+                checked[raw] = (None, str(error), ())
+            else:
+                checked[raw] = (value, None, tuple(np.round(value, 4)))
+        value, problem, _ = checked[raw]
+        if problem is not None:
+            notes.drop(header, problem)
             continue
         kept.append(header)
         values.append(value)
+    rounded = {id(value): key for value, problem, key in checked.values() if problem is None}
     present = [v for v in values if v is not None]
     if not present:
         if kept:
@@ -102,13 +116,19 @@ def series_value(
                 attribute.flag, f"{attribute.name} missing: assumed {attribute.default_text}"
             )
         return attribute.default, kept
-    key = majority([tuple(np.round(v, 4)) for v in present])
-    series_value = next(v for v in present if tuple(np.round(v, 4)) == key)
+    key = majority([rounded[id(v)] for v in present])
+    series_value = next(v for v in present if rounded[id(v)] == key)
+    tolerance = 1e-3 * max(1.0, np.abs(series_value).max())
+    differs = {
+        id(value): bool(np.abs(value - series_value).max() > tolerance)
+        for value, problem, _ in checked.values()
+        if problem is None
+    }
     final, assumed = [], 0
     for header, value in zip(kept, values, strict=True):
         if value is None:
             assumed += 1
-        elif np.abs(value - series_value).max() > 1e-3 * max(1.0, np.abs(series_value).max()):
+        elif differs[id(value)]:
             notes.drop(
                 header,
                 f"{attribute.name} {_backslashed(value)} differs from the series "

@@ -350,8 +350,14 @@ class DicomTable:
         headers = []
         decoded: dict[str, DecodedSlice | str] = {}
         c = self.columns
+        # A series' files mostly share one metadata record: parse each distinct one once and
+        # give every header its own copy.
+        metadata: dict[int, dict[str, Any]] = {}
         for row in rows:
             row = int(row)
+            code = int(c["metadata"][row])
+            if code not in metadata:
+                metadata[code] = json.loads(self.string("metadata", row) or "{}")
             header = SliceHeader(
                 path=self.path(row),
                 series_uid=uid,
@@ -366,7 +372,7 @@ class DicomTable:
                 instance_number=_none(c["instance_number"][row]),
                 frames=int(c["frames"][row]),
                 transfer_syntax=self.string("syntax", row) or "",
-                metadata=json.loads(self.string("metadata", row) or "{}"),
+                metadata=dict(metadata[code]),
                 sop_class_uid=self.string("sop_class", row) or "",
                 samples_per_pixel=_none(c["samples_per_pixel"][row]),
                 bits_allocated=_none(c["bits_allocated"][row]),

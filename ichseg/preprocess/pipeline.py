@@ -248,6 +248,13 @@ class Preprocessor:
         size = (self.data.image_size, self.data.image_size)
         if stored.shape == size:
             images = np.take(tables.quantised, index, axis=1)
+        elif stored.shape == (2 * size[0], 2 * size[1]):
+            from ichseg.preprocess.windowing import halve_sums
+
+            # 512 -> 256: the block mean of the looked-up windows, each block's four pixels
+            # looked up as four quarter-size arrays (no full-size float copy).
+            quarters = [np.take(tables.windowed, index[i::2, j::2], axis=1) for i, j in _BLOCK]
+            images = _quantise(halve_sums(*quarters))
         else:
             from ichseg.preprocess.windowing import resize_slices
 
@@ -277,6 +284,10 @@ class Preprocessor:
         size = (self.data.image_size, self.data.image_size)
         pixels = load_image(path, channels=1 if self.channels == 1 else 3, size=size)
         return _quantise(pixels)
+
+
+_BLOCK = ((0, 0), (0, 1), (1, 0), (1, 1))
+"""A 2 x 2 block's pixels in :func:`~ichseg.preprocess.windowing.halve_sums`' order."""
 
 
 @dataclass(frozen=True)

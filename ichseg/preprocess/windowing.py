@@ -143,14 +143,43 @@ def nonblank_slices(
     return inside.reshape(inside.shape[0], -1).sum(axis=1) / denominator >= min_fraction
 
 
+def halve_slices(images: np.ndarray) -> np.ndarray:
+    """A twofold shrink of the last two axes (even sizes): the mean of each 2 x 2 block.
+
+    Bilinear sampling at pixel centres gives exactly this at a factor of two (each output
+    centre falls halfway between two input pixels on each axis), so :func:`resize_slices`
+    uses it for 512 -> 256, in numpy: as fast as torch, and the slice cache's workers need not
+    import torch (seconds each). The blocks are summed in one fixed order,
+    ``((top left + top right) + (bottom left + bottom right)) / 4``, so that
+    :func:`halve_sums` of looked-up values gives the same floats.
+    """
+    return halve_sums(
+        images[..., 0::2, 0::2],
+        images[..., 0::2, 1::2],
+        images[..., 1::2, 0::2],
+        images[..., 1::2, 1::2],
+    )
+
+
+def halve_sums(
+    top_left: np.ndarray, top_right: np.ndarray, bottom_left: np.ndarray, bottom_right: np.ndarray
+) -> np.ndarray:
+    """:func:`halve_slices` from the four pixels of each block given as separate arrays."""
+    out = np.add(top_left, top_right, dtype=np.float32)
+    out += np.add(bottom_left, bottom_right, dtype=np.float32)
+    out *= np.float32(0.25)
+    return out
+
+
 def resize_slices(images: np.ndarray, size: tuple[int, int], order: int = 1) -> np.ndarray:
     """Resize the last two axes to ``size``: bilinear for images, ``order=0`` for labels.
 
     Bilinear resizing samples pixel centres (``align_corners=False``), the grid of
     ``scipy.ndimage.zoom(..., grid_mode=True)``, through torch, which is an order of magnitude
-    faster on CPU for stacks of slices. Shrinking an axis more than twofold (512 -> 224) widens
-    the filter to the scale factor (torch's ``antialias``): plain bilinear weights span two input
-    pixels, so it would skip input pixels and a thin bleed could vanish from the slice.
+    faster on CPU for stacks of slices; an exact twofold shrink is :func:`halve_slices`.
+    Shrinking an axis more than twofold (512 -> 224) widens the filter to the scale factor
+    (torch's ``antialias``): plain bilinear weights span two input pixels, so it would skip
+    input pixels and a thin bleed could vanish from the slice.
     """
     images = np.asarray(images)
     height, width = images.shape[-2:]
@@ -165,6 +194,8 @@ def resize_slices(images: np.ndarray, size: tuple[int, int], order: int = 1) -> 
         )
     if order != 1:
         raise ValueError(f"order must be 0 or 1, got {order}")
+    if (height, width) == (2 * size[0], 2 * size[1]):
+        return halve_slices(np.asarray(images, dtype=np.float32)).astype(images.dtype, copy=False)
     import torch
     import torch.nn.functional as F
 
