@@ -51,6 +51,23 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep OpenMP's default spin-waiting (default: OMP_WAIT_POLICY=PASSIVE)",
     )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's adaptive memory thresholds (default: as the CLI, freed memory is "
+        "kept for reuse: ichseg.runtime.keep_freed_memory)",
+    )
+
+
+def configure_process(args: argparse.Namespace) -> None:
+    """The process settings of ichseg's CLI (``--omp-spin`` and ``--default-malloc`` opt out),
+    so that every method a script compares runs under the same ones; call before importing
+    torch."""
+    configure_openmp(args.omp_spin)
+    if not args.default_malloc:
+        from ichseg.runtime import keep_freed_memory
+
+        keep_freed_memory()
 
 
 def configure_openmp(spin: bool) -> str:
@@ -137,11 +154,18 @@ def environment(device, threads: int) -> dict[str, Any]:
         "device": str(device),
         "torch_threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "freed_memory_kept": _freed_memory_kept(),
         "load_average_start": load_average(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _freed_memory_kept() -> bool:
+    from ichseg.runtime import freed_memory_kept
+
+    return freed_memory_kept()
 
 
 def _cpu_model() -> str:

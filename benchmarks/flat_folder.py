@@ -29,7 +29,7 @@ from typing import Any
 
 from _common import (
     add_common_args,
-    configure_openmp,
+    configure_process,
     emit,
     environment,
     log,
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return {}
-    configure_openmp(args.omp_spin)
+    configure_process(args)
     device = resolve_device(args.device)
     from _flat import write_flat_folder, write_rsna_labels
 

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from _common import (
     add_common_args,
-    configure_openmp,
+    configure_process,
     emit,
     environment,
     goal,
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     if args.repeats < 1:
         sys.exit("error: --repeats must be at least 1")
-    configure_openmp(args.omp_spin)
+    configure_process(args)
     device = resolve_device(args.device)
     import torch
 

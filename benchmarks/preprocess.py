@@ -24,6 +24,7 @@ less. Prints one JSON object. Example::
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import sys
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 from _common import (
     add_common_args,
-    configure_openmp,
+    configure_process,
     emit,
     environment,
     goal,
@@ -72,7 +73,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--naive-resize", choices=("cv2", "pil"), default="cv2")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--work-dir", type=Path, default=None, help="kept when given")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="kept when given; its phantom is reused by a later run with the same settings",
+    )
     return parser.parse_args(argv)
 
 
@@ -81,9 +87,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _write_phantoms(work: Path, args: argparse.Namespace) -> tuple[list[Path], Path]:
-    """Phantom DICOM series, then every slice copied into ``work/flat`` under a unique name."""
+    """Phantom DICOM series, then every slice copied into ``work/flat`` under a unique name.
+
+    A ``--work-dir`` that already holds the phantom of these settings (``phantom.json``) is
+    reused as it is.
+    """
     from ichseg.phantom import PhantomConfig, Quirks, write_dataset
 
+    settings = {
+        "studies": args.studies,
+        "slices": args.slices,
+        "size": args.size,
+        "transfer_syntax": args.transfer_syntax,
+        "seed": args.seed,
+    }
+    marker = work / "phantom.json"
+    labels = work / "phantom" / "labels_rsna.csv"
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return sorted((work / "flat").iterdir()), labels
+    marker.unlink(missing_ok=True)
     write_dataset(
         work / "phantom",
         studies=args.studies,
@@ -98,7 +120,8 @@ def _write_phantoms(work: Path, args: argparse.Namespace) -> tuple[list[Path], P
     flat.mkdir()
     for path in sorted((work / "phantom" / "dicom").glob("*/*.dcm")):
         shutil.copyfile(path, flat / f"{path.parent.name}_{path.name}")
-    return sorted(flat.iterdir()), work / "phantom" / "labels_rsna.csv"
+    marker.write_text(json.dumps(settings))
+    return sorted(flat.iterdir()), labels
 
 
 def _warm_file_cache(files: list[Path]) -> int:
@@ -247,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     if args.repeats < 1:
         sys.exit("error: --repeats must be at least 1")
-    configure_openmp(args.omp_spin)
+    configure_process(args)
     device = resolve_device(args.device)
     import torch
 

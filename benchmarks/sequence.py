@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import configure_openmp, emit, environment, log, resolve_device, rounded
+from _common import configure_process, emit, environment, log, resolve_device, rounded
 
 from ichseg.demo import DEMO_SEGMENTER_EPOCHS, DEMO_SEGMENTER_SEED, DEMO_SEGMENTER_STUDIES
 
@@ -67,6 +67,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-tta", action="store_true", help="skip the TTA evaluation")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--omp-spin", action="store_true", help="keep OpenMP spin-waiting")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's adaptive memory thresholds"
+    )
     return parser.parse_args(argv)
 
 
@@ -188,7 +191,7 @@ def _tta(runs: list[dict[str, Any]], cache_root: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
-    configure_openmp(args.omp_spin)
+    configure_process(args)
     device = resolve_device(args.device)
     from ichseg.engine.ablation import analyse, run_ablation
     from ichseg.runtime import configure_cpu

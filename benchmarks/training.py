@@ -4,8 +4,9 @@ On a phantom run config (cached uint8 slices), each round times, one after the o
 
 * ``trainer``: ``ichseg.engine.train.train`` for ``--epochs`` epochs; images/s is read from the
   run's ``metrics.jsonl`` (the trainer times its training loop only, not validation or saving);
-* ``bare``: the same model, batch, bf16 autocast and AdamW, on the training slices held in
-  memory as one float tensor: forward, BCE loss, backward, step, nothing else;
+* ``bare``: the same model, batch, autocast rule (bf16 only where the device computes it
+  natively, as in the trainer) and AdamW, on the training slices held in memory as one float
+  tensor: forward, BCE loss, backward, step, nothing else;
 * ``bare_trainer_step``: the bare loop with the trainer's step (weighted ``TaskLoss``, gradient
   clipping, LR scheduler, ``float(loss)`` each step), still on in-memory data, so that
   trainer vs this is the data pipeline's cost and this vs bare the step extras';
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 from _common import (
     add_common_args,
-    configure_openmp,
+    configure_process,
     emit,
     environment,
     goal,
@@ -164,7 +165,9 @@ def run_bare(
     )
     loss_fn = TaskLoss(config)
     generator = torch.Generator().manual_seed(config.seed)
-    amp = config.train.amp
+    from ichseg.engine.predict import autocast
+
+    amp = config.train.amp  # as in the trainer: bf16 only where the device computes it natively
     rates = []
     for _ in range(config.train.epochs):
         order = torch.randperm(count, generator=generator).to(device)
@@ -173,7 +176,7 @@ def run_bare(
         for step in range(steps):
             index = order[step * batch : (step + 1) * batch]
             x, y = images[index], targets[index]
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 logits = model(x)
             if trainer_step:
                 loss = loss_fn(logits, y)
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.repeats < 1 or args.epochs < 1:
         sys.exit("error: --repeats and --epochs must be at least 1")
     hide_cuda_if_cpu(args.device)  # the trainer picks CUDA by itself when it sees one
-    configure_openmp(args.omp_spin)
+    configure_process(args)
     device = resolve_device(args.device)
     import torch
 
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
     rss["end"] = peak_rss_mib()
+    from ichseg.engine.predict import bf16_is_native
 
     med = {name: median(values) for name, values in rates.items()}
     overhead = med["bare"] / med["trainer"]
@@ -288,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "model": args.model,
             "image_size": args.image_size,
             "batch_size": args.batch_size,
-            "amp_bf16": not args.no_amp,
+            "amp_bf16_requested": not args.no_amp,
+            "amp_bf16_used": not args.no_amp and bf16_is_native(device),
             "augment": not args.no_augment,
             "num_workers": args.num_workers,
             "phantom": {"studies": args.studies, "size": args.size, "slices": args.slices},

@@ -37,11 +37,12 @@ def main(
         bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logs.")
     ] = False,
 ) -> None:
-    from ichseg.runtime import configure_cpu
+    from ichseg.runtime import configure_cpu, keep_freed_memory
 
     _state["verbose"] = verbose
     # Before any command imports torch: OpenMP reads its settings once, at start-up.
     configure_cpu()
+    keep_freed_memory()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

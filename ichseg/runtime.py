@@ -6,6 +6,13 @@ taking 500 ms that way. Passive waiting costs a little latency on tiny operators
 collapse. The setting must be in the environment before the OpenMP runtime starts (the first
 ``import torch``), so :func:`configure_cpu` runs first thing in the CLI. Users who set
 ``OMP_WAIT_POLICY`` or the thread count themselves keep their values.
+
+glibc hands freed memory back to the operating system as soon as a couple of MB lie free at the
+top of the heap, so a loop that allocates and frees the same arrays every step faults their
+pages in again every step. Where page faults are slow (virtual machines), that cost a ResNet-50
+training step at 128 px a third of its time and made windowing a 512-px slice four times
+slower (``benchmarks/README.md``). :func:`keep_freed_memory` keeps that memory for reuse; the
+CLI and ichseg's worker processes call it.
 """
 
 from __future__ import annotations
@@ -47,3 +54,46 @@ def apply_torch_threads() -> int:
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+KEPT_FREE_BYTES = 2**31 - 1
+"""Free heap memory a process keeps before glibc returns any to the OS (``M_TRIM_THRESHOLD``;
+``mallopt`` takes an ``int``)."""
+MMAP_THRESHOLD_BYTES = 32 * 1024**2
+"""Allocations above this still get their own mapping, returned to the OS when freed
+(``M_MMAP_THRESHOLD``): whole volumes, not the per-step arrays of training or windowing."""
+
+
+def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
+    """Have glibc keep freed memory for reuse instead of returning it to the OS at once.
+
+    Fixed thresholds replace glibc's adaptive ones for the rest of the process: allocations up
+    to :data:`MMAP_THRESHOLD_BYTES` come from the heap, and up to :data:`KEPT_FREE_BYTES` of
+    free heap stay with the process (resident memory stays at its high-water mark instead).
+    ``ICHSEG_KEEP_FREED_MEMORY=0`` turns it off.
+
+    Returns:
+        Whether the thresholds were set (False off glibc or when turned off).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("ICHSEG_KEEP_FREED_MEMORY", "").strip() == "0":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # no C library to ask, or not glibc
+        return False
+    trim = mallopt(-1, KEPT_FREE_BYTES)  # M_TRIM_THRESHOLD
+    mmap = mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
+    _memory_settings["kept"] = bool(trim and mmap)
+    return _memory_settings["kept"]
+
+
+_memory_settings = {"kept": False}
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` set glibc's thresholds in this process."""
+    return _memory_settings["kept"]
