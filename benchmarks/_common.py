@@ -64,10 +64,12 @@ def configure_process(args: argparse.Namespace) -> None:
     so that every method a script compares runs under the same ones; call before importing
     torch."""
     configure_openmp(args.omp_spin)
-    if not args.default_malloc:
-        from ichseg.runtime import keep_freed_memory
+    if args.default_malloc:
+        # Read by ichseg's worker processes and child processes too, which inherit it.
+        os.environ["ICHSEG_KEEP_FREED_MEMORY"] = "0"
+    from ichseg.runtime import keep_freed_memory
 
-        keep_freed_memory()
+    keep_freed_memory()
 
 
 def configure_openmp(spin: bool) -> str:

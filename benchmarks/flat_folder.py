@@ -112,6 +112,9 @@ class _WorkerWatch:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One cache build in this (fresh) process; its figures as a dict."""
+    from ichseg.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI's process would (ICHSEG_KEEP_FREED_MEMORY=0: not)
     from ichseg.config import load_config
     from ichseg.engine import cache, cache_per_slice, sources
 

@@ -104,8 +104,11 @@ def _write_phantoms(work: Path, args: argparse.Namespace) -> tuple[list[Path], P
     marker = work / "phantom.json"
     labels = work / "phantom" / "labels_rsna.csv"
     if marker.exists() and json.loads(marker.read_text()) == settings:
+        log(f"reusing the phantom in {work}")
         return sorted((work / "flat").iterdir()), labels
     marker.unlink(missing_ok=True)
+    shutil.rmtree(work / "phantom", ignore_errors=True)  # no studies of other settings left
+    log(f"writing {args.studies} x {args.slices} phantom slices ({args.size} px) to {work}")
     write_dataset(
         work / "phantom",
         studies=args.studies,
@@ -285,7 +288,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ichseg-bench-pre-")) if temporary else args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     try:
-        log(f"writing {args.studies} x {args.slices} phantom slices ({args.size} px) to {work}")
         files, labels = _write_phantoms(work, args)
         folder = files[0].parent
         size_bytes = _warm_file_cache(files)

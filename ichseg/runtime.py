@@ -18,6 +18,7 @@ CLI and ichseg's worker processes call it.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def available_cpus() -> int:
@@ -70,24 +71,28 @@ def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
     Fixed thresholds replace glibc's adaptive ones for the rest of the process: allocations up
     to :data:`MMAP_THRESHOLD_BYTES` come from the heap, and up to :data:`KEPT_FREE_BYTES` of
     free heap stay with the process (resident memory stays at its high-water mark instead).
-    ``ICHSEG_KEEP_FREED_MEMORY=0`` turns it off.
+    ``ICHSEG_KEEP_FREED_MEMORY=0`` (or ``false``, ``no``, ``off``) turns it off; worker
+    processes read it too.
 
     Returns:
         Whether the thresholds were set (False off glibc or when turned off).
     """
     env = os.environ if environ is None else environ
-    if env.get("ICHSEG_KEEP_FREED_MEMORY", "").strip() == "0":
+    if env.get("ICHSEG_KEEP_FREED_MEMORY", "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if not sys.platform.startswith("linux"):
         return False
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # no C library to ask, or not glibc
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library to ask, or not glibc
         return False
-    trim = mallopt(-1, KEPT_FREE_BYTES)  # M_TRIM_THRESHOLD
-    mmap = mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
-    _memory_settings["kept"] = bool(trim and mmap)
+    # The mmap threshold first: where glibc refuses it (32-bit builds cap it at 16 MiB) the
+    # trim threshold is left alone too.
+    if not mallopt(-3, MMAP_THRESHOLD_BYTES):  # M_MMAP_THRESHOLD
+        return False
+    _memory_settings["kept"] = bool(mallopt(-1, KEPT_FREE_BYTES))  # M_TRIM_THRESHOLD
     return _memory_settings["kept"]
 
 

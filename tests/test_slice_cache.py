@@ -249,3 +249,19 @@ def test_a_killed_build_resumes_with_its_finished_shards(flat_data, tmp_path: Pa
         assert np.array_equal(
             getattr(resumed, name), getattr(fresh, name), equal_nan=name == "labels"
         )
+
+
+def test_a_shard_built_twice_is_left_as_it_is(flat_data, tmp_path: Path):
+    # A worker pool that breaks hands its unfinished items to the parent, which may include
+    # shards a worker had already written: they are kept, not rebuilt over.
+    from ichseg.engine.cache_format import shard_name
+    from ichseg.engine.cache_per_slice import _build_file_shard
+
+    flat, labels = flat_data
+    config = _config(flat, labels, tmp_path / "cache").model_dump(mode="json")
+    paths = np.array([os.fsencode(p) for p in sorted(flat.glob("*.dcm"))[:5]])
+    assert _build_file_shard(str(tmp_path), 0, paths, config) == 5
+    before = _files(tmp_path / shard_name(0))
+    assert _build_file_shard(str(tmp_path), 0, paths, config) == 5
+    assert _files(tmp_path / shard_name(0)) == before
+    assert not list(tmp_path.glob(".shard-*"))  # no temporary folder left behind

@@ -4,6 +4,7 @@ import pytest
 from ichseg.preprocess.windowing import (
     STANDARD_WINDOWS,
     Window,
+    halve_slices,
     neighbour_index,
     nonblank_slices,
     resize_slices,
@@ -104,3 +105,31 @@ def test_twofold_shrink_is_the_two_by_two_mean():
     image = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
     expected = image.reshape(3, 4, 2, 4, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(resize_slices(image, (4, 4)), expected, rtol=1e-6)
+
+
+def test_twofold_shrink_equals_torch_bilinear_at_pixel_centres():
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(3)
+    for shape in [(3, 64, 64), (2, 8, 6), (1, 3, 40, 32)]:
+        image = (rng.random(shape) * 3000 - 1000).astype(np.float32)
+        height, width = shape[-2:]
+        flat = torch.from_numpy(image).reshape(-1, 1, height, width)
+        expected = F.interpolate(
+            flat, size=(height // 2, width // 2), mode="bilinear", align_corners=False
+        ).reshape(*shape[:-2], height // 2, width // 2)
+        halved = resize_slices(image, (height // 2, width // 2))
+        assert halved.shape == tuple(expected.shape)
+        # The same weights; torch may sum the four pixels in another order (last bit).
+        np.testing.assert_allclose(halved, expected.numpy(), rtol=1e-6, atol=1e-4)
+
+
+def test_twofold_shrink_keeps_the_dtype_and_needs_even_sizes():
+    image = np.full((2, 4, 6), 200, dtype=np.uint8)
+    image[:, 0, 0] = 0
+    halved = resize_slices(image, (2, 3))
+    assert halved.dtype == np.uint8
+    assert halved[0, 0, 0] == 150 and halved[0, 1, 2] == 200
+    with pytest.raises(ValueError, match="even"):
+        halve_slices(np.zeros((5, 4), dtype=np.float32))

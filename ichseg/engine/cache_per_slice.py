@@ -135,7 +135,8 @@ def build_per_slice(
     bar = progress_bar(
         total=sum(len(job[2]) for job in jobs), desc="cache", unit="file", enabled=progress
     )
-    # Workers start by importing torch (seconds each): not worth it for a few hundred files.
+    # Starting workers costs about a second of imports each: not worth it for a few hundred
+    # files.
     if workers > 1 and len(jobs) > 1 and count >= MIN_PARALLEL_FILES:
         for done in ordered_map(_build_file_shard_job, jobs, min(workers, len(jobs))):
             bar.update(done)
@@ -156,7 +157,8 @@ def _build_file_shard_job(job: tuple) -> int:
     """Process-pool entry point: one shard of files, preprocessor rebuilt in the worker.
 
     The pool's workers run one OpenMP thread each (``ichseg.io.workers``), which torch picks
-    up if a resize imports it; without a resize torch is never imported.
+    up if a resize imports it; without a resize, or with an exact twofold shrink (numpy), torch
+    is never imported.
     """
     return _build_file_shard(*job)
 
@@ -176,6 +178,9 @@ def _build_file_shard(
     from ichseg.io.dicom_table import DicomTable
     from ichseg.preprocess.pipeline import Preprocessor
 
+    if (Path(folder) / shard_name(shard)).is_dir():
+        # Built already: a pool that broke recomputes, in the parent, shards it had finished.
+        return len(paths)
     config = validate_config(config_json, "cache worker")
     data = config.data
     preprocessor = preprocessor or Preprocessor.from_parts(data, config.masking, None, config.name)
@@ -222,9 +227,9 @@ def _window_batch(
     """Window the decoded slices of ``pending`` (parsed with their stored values) and append
     them to ``images``; their rows and slice-filter flags.
 
-    Slices at the cache's size go through the preprocessor's stored-value tables one by one;
-    the others are converted to HU and windowed in stacks of one size (the preprocessor works
-    on stacks), each stack with the same steps as a whole volume.
+    Slices at the cache's size or twice it go through the preprocessor's stored-value tables
+    one by one; the others are converted to HU and windowed in stacks of one size (the
+    preprocessor works on stacks), each stack with the same steps as a whole volume.
     """
     from ichseg.volume import CTVolume
 

@@ -146,13 +146,16 @@ def nonblank_slices(
 def halve_slices(images: np.ndarray) -> np.ndarray:
     """A twofold shrink of the last two axes (even sizes): the mean of each 2 x 2 block.
 
-    Bilinear sampling at pixel centres gives exactly this at a factor of two (each output
-    centre falls halfway between two input pixels on each axis), so :func:`resize_slices`
-    uses it for 512 -> 256, in numpy: as fast as torch, and the slice cache's workers need not
-    import torch (seconds each). The blocks are summed in one fixed order,
-    ``((top left + top right) + (bottom left + bottom right)) / 4``, so that
+    Bilinear sampling at pixel centres gives exactly this at a factor of two, in exact
+    arithmetic (each output centre falls halfway between two input pixels on each axis), so
+    :func:`resize_slices` uses it for 512 -> 256, in numpy: as fast as torch, and the slice
+    cache's workers need not import torch (seconds each). The blocks are summed in one fixed
+    order, ``((top left + top right) + (bottom left + bottom right)) / 4``, so that
     :func:`halve_sums` of looked-up values gives the same floats.
     """
+    height, width = images.shape[-2:]
+    if height % 2 or width % 2:
+        raise ValueError(f"halving needs even sizes, got {height} x {width}")
     return halve_sums(
         images[..., 0::2, 0::2],
         images[..., 0::2, 1::2],
