@@ -160,12 +160,20 @@ class PathVariant(Variant):
     """The classifier as ``predict`` runs it: ``predict_probabilities`` over uint8 batches."""
 
     def forward(self) -> None:
-        from ichseg.engine.predict import predict_probabilities, uint8_batches
+        from ichseg.engine.predict import (
+            default_inference_batch,
+            predict_probabilities,
+            uint8_batches,
+        )
 
         # amp as a run trained with bf16 autocast asks for it; predict_probabilities uses bf16
         # only where it is native, and ``dtype`` records what actually ran.
         predict_probabilities(
-            self.model, uint8_batches(self.x, 32), self.device, True, "multilabel"
+            self.model,
+            uint8_batches(self.x, default_inference_batch(self.device)),
+            self.device,
+            True,
+            "multilabel",
         )
 
 

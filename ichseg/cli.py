@@ -455,7 +455,10 @@ def predict(
     out: Annotated[Path, typer.Argument(help="Output folder (must not be inside INPUT).")],
     gradcam: Annotated[bool, typer.Option(help="Grad-CAM PNGs for positive series.")] = True,
     gradcam_slices: Annotated[int, typer.Option(min=1, help="Slices per positive series.")] = 3,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Slices per forward pass [default: 8 on CPU, 32 on CUDA]"),
+    ] = None,
     segmenter: Annotated[Path | None, typer.Option(help="Override the U-Net checkpoint.")] = None,
     hemorrhage_segmenter: Annotated[
         Path | None,

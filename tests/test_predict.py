@@ -304,3 +304,24 @@ def test_a_multiclass_run_is_served_with_most_probable_class_labels(
         found.setdefault(row["source"], set()).add(best)
     for source, classes in found.items():
         assert {n for n in names if series[source][f"label_{n}"] == "1"} == classes
+
+
+@pytest.mark.parametrize(("option", "expected"), [((), 8), (("--batch-size", "3"), 3)])
+def test_predict_batches_by_device_unless_told(
+    trained_run: Path, phantom_dir: Path, tmp_path: Path, monkeypatch, option, expected
+) -> None:
+    # On CPU, batches of 8 keep SE-ResNet50's activations in cache (benchmarks/README.md).
+    from ichseg.inference.models import Predictor
+
+    seen: list[int] = []
+    score_volume = Predictor.score_volume
+
+    def recording(self, volume, batch_size=32):
+        seen.append(batch_size)
+        return score_volume(self, volume, batch_size)
+
+    monkeypatch.setattr(Predictor, "score_volume", recording)
+    out = tmp_path / "out"
+    result = _predict(trained_run, phantom_dir / "dicom", out, "--no-gradcam", *option)
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {expected}

@@ -79,7 +79,7 @@ def predict(
     *,
     gradcam: bool = True,
     gradcam_slices: int = 3,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     segmenter: str | Path | None = None,
     progress: bool = True,
     predictor: Predictor | EnsemblePredictor | None = None,
@@ -97,7 +97,8 @@ def predict(
         out_dir: output folder; must not be inside the input, nor be a model folder.
         gradcam: Grad-CAM overlays for positive series (ensembles: of the first member).
         gradcam_slices: overlays per positive series.
-        batch_size: slices per forward pass.
+        batch_size: slices per forward pass (default: 8 on CPU, 32 on CUDA,
+            :func:`~ichseg.engine.predict.default_inference_batch`).
         segmenter: a U-Net checkpoint to use instead of the carried one.
         progress: progress bar.
         predictor: an already loaded model (the bundle passes its own).
@@ -137,6 +138,10 @@ def predict(
             f"{', '.join(predictor.class_names)}"
         )
     predictor.timer = ForwardTimer()
+    if batch_size is None:
+        from ichseg.engine.predict import default_inference_batch
+
+        batch_size = default_inference_batch(predictor.device)
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     if predictor.preprocessor.source_kind == "images":

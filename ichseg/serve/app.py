@@ -214,7 +214,7 @@ def create_app(
     limits: UploadLimits | None = None,
     work_dir: str | Path | None = None,
     device: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     predictor: Any = None,
     hemorrhage_segmenter: str | Path | None = None,
 ) -> FastAPI:
@@ -231,7 +231,7 @@ def create_app(
         limits: all upload limits at once (overrides the two sizes above).
         work_dir: parent of the request folders (default: the system's temporary folder).
         device: "cpu" or "cuda" (default: cuda when available).
-        batch_size: slices per model pass.
+        batch_size: slices per model pass (default: 8 on CPU, 32 on CUDA).
         predictor: a predictor already loaded from ``model_path`` (then ``segmenter``,
             ``hemorrhage_segmenter`` and ``device`` are not used).
         hemorrhage_segmenter: a hemorrhage U-Net for volumes in ml (default: the one the model
@@ -247,6 +247,10 @@ def create_app(
     predictor = predictor or load_predictor(
         model_path, segmenter, device, hemorrhage_segmenter=hemorrhage_segmenter
     )
+    if batch_size is None:
+        from ichseg.engine.predict import default_inference_batch
+
+        batch_size = default_inference_batch(predictor.device)
     analyzer = Analyzer(
         predictor,
         model_path,
