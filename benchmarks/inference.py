@@ -213,12 +213,12 @@ def _model_variants(args, device, batches: list[int]) -> tuple[list[Variant], di
                     variants.append(Variant(name, m, fmt, dtype, batch, x, device))
         if name == args.classifier:
             from ichseg.engine.predict import (
-                bf16_is_native,
+                bf16_autocast_pays,
                 compile_by_default,
                 prepare_for_inference,
             )
 
-            path_dtype = "bf16" if bf16_is_native(device) else "fp32"
+            path_dtype = "bf16" if bf16_autocast_pays(device) else "fp32"
             slices = torch.randint(0, 256, (args.path_slices, channels, size, size))
             slices = slices.to(torch.uint8).numpy()
             default = prepare_for_inference(copy.deepcopy(model), device)

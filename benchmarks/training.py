@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
     rss["end"] = peak_rss_mib()
-    from ichseg.engine.predict import bf16_is_native
+    from ichseg.engine.predict import bf16_autocast_pays
 
     med = {name: median(values) for name, values in rates.items()}
     overhead = med["bare"] / med["trainer"]
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "image_size": args.image_size,
             "batch_size": args.batch_size,
             "amp_bf16_requested": not args.no_amp,
-            "amp_bf16_used": not args.no_amp and bf16_is_native(device),
+            "amp_bf16_used": not args.no_amp and bf16_autocast_pays(device),
             "augment": not args.no_augment,
             "num_workers": args.num_workers,
             "phantom": {"studies": args.studies, "size": args.size, "slices": args.slices},

@@ -14,7 +14,7 @@ The key hashes the slice cache's folder name (itself a hash of the preprocessing
 the SHA-1 of the backbone checkpoint's bytes, the TTA views and the rows, so a retrained backbone
 or a rebuilt cache never reuses stale embeddings. The folder appears by an atomic rename. bf16
 autocast leaves the backbone's features with 8 significant bits, so float16 storage (11 bits)
-holds them exactly and halves the disk; fp32 features (CPUs without native bf16) rarely fit
+holds them exactly and halves the disk; fp32 features (where bf16 autocast does not pay) rarely fit
 float16 exactly and are kept as float32.
 """
 

@@ -1,11 +1,12 @@
 """Batched probabilities from a classifier: the one forward path of evaluation, prediction and
 the bundle, and the form a classifier takes for inference (:func:`prepare_for_inference`).
 
-bf16 autocast covers the backbone where bf16 is native (CUDA, CPUs with AVX-512 BF16 or AMX:
-1.3-2x faster than fp32 there, no loss scaling needed unlike fp16); the classifier head runs in
-fp32 (see ``ClassifierModel.forward``), so logits are fp32. On a CPU without bf16 instructions
-autocast would emulate bf16 (measured 5x slower than fp32 for SE-ResNet50 on an AVX2-only
-AMD EPYC), so inference there runs in fp32.
+bf16 autocast covers the backbone where it is faster than fp32 (CUDA with bf16, CPUs with AMX:
+1.3-2x faster there, no loss scaling needed unlike fp16); the classifier head runs in fp32 (see
+``ClassifierModel.forward``), so logits are fp32. Elsewhere the model runs in fp32: on a CPU
+without bf16 instructions autocast emulates bf16 (measured 5x slower than fp32 for SE-ResNet50
+on an AVX2-only AMD EPYC), and with AVX-512 BF16 but no AMX it was still slower than fp32 for
+training and no faster for inference (:func:`bf16_autocast_pays`).
 
 Test-time augmentation (:class:`TestTimeAugmentation`) lives here too, so evaluation and
 prediction average the same views the same way: probabilities for a classifier
@@ -169,16 +170,17 @@ def _averaged(
 
 
 def autocast(device: Any, enabled: bool):
-    """bf16 autocast on CPU and CUDA, where the device computes bf16 natively.
+    """bf16 autocast on CPU and CUDA, where it is faster than fp32 (:func:`bf16_autocast_pays`).
 
-    Elsewhere (a CPU with AVX2 only) autocast would emulate bf16: measured 9x slower than fp32
-    for a ResNet-50 training step and 10x for a U-Net epoch on a 2-core AVX2 AMD EPYC. There
-    ``enabled`` is ignored and the model runs in fp32 (logged once per process).
+    Elsewhere ``enabled`` is ignored and the model runs in fp32 (logged once per process): a CPU
+    with AVX2 only emulates bf16 (a ResNet-50 training step 9x and a U-Net epoch 10x slower
+    than fp32 on a 2-core AMD EPYC), and one with AVX-512 BF16 but no AMX trained ResNet-18,
+    ResNet-50 and VGG16 0.75-0.9x as fast as in fp32.
     """
     import torch
 
     device_type = _device_type(device)
-    if enabled and not bf16_is_native(device_type):
+    if enabled and not bf16_autocast_pays(device_type):
         _note_fp32_fallback(device_type)
         enabled = False
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
@@ -191,8 +193,35 @@ def _device_type(device: Any) -> str:
 @functools.cache
 def _note_fp32_fallback(device_type: str) -> None:
     logging.getLogger(__name__).info(
-        "bf16 is emulated on this %s (no native bf16 instructions): running in fp32", device_type
+        "bf16 autocast is not faster than fp32 on this %s (no AMX or bf16 instructions): "
+        "running in fp32",
+        device_type,
     )
+
+
+def bf16_autocast_pays(device: Any) -> bool:
+    """Whether bf16 autocast is faster than fp32 on ``device``: CUDA devices that support bf16,
+    CPUs with AMX tiles.
+
+    On a 2-core CPU with AVX-512 BF16 but no AMX (``benchmarks/README.md``), the bf16 matmul
+    peak was half the fp32 one, bf16 autocast trained ResNet-18, ResNet-50 and VGG16 at
+    0.75-0.9x their fp32 speed and ran SE-ResNet50 inference at the same speed as fp32, so
+    such CPUs run in fp32 (:func:`bf16_is_native` still says they have the instructions).
+    """
+    return _bf16_autocast_pays(_device_type(device))
+
+
+@functools.cache
+def _bf16_autocast_pays(device_type: str) -> bool:
+    import torch
+
+    if device_type == "cuda":
+        return _bf16_is_native(device_type)
+    if device_type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    # Older torch without the instruction queries: fp32, the choice that is never emulated.
+    return bool(hasattr(cpu, "_is_amx_tile_supported") and cpu._is_amx_tile_supported())
 
 
 def bf16_is_native(device: Any) -> bool:
@@ -254,7 +283,7 @@ def predict_probabilities(
         model: a classifier in any memory format; evaluated in ``eval()`` mode.
         batches: float image tensors ``(B, C, H, W)`` in [0, 1], or DataLoader pairs.
         device: where to run.
-        amp: bf16 autocast for the backbone, where bf16 is native (:func:`bf16_is_native`).
+        amp: bf16 autocast for the backbone, where it pays (:func:`bf16_autocast_pays`).
         mode: ``"multilabel"`` or ``"multiclass"``.
         tta: views whose probabilities are averaged (None: the plain image only).
         timer: collects forward seconds, plain and added by TTA.
@@ -282,7 +311,7 @@ def predict_features(
         model: a :class:`~ichseg.models.classifiers.ClassifierModel`; evaluated in ``eval()``.
         batches: as for :func:`predict_probabilities`.
         device: where to run.
-        amp: bf16 autocast for the backbone, where bf16 is native.
+        amp: bf16 autocast for the backbone, where it pays (:func:`bf16_autocast_pays`).
         tta: views whose features are averaged (None: the plain image only).
         timer: collects forward seconds, plain and added by TTA.
     """
