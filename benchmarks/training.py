@@ -4,13 +4,15 @@ On a phantom run config (cached uint8 slices), each round times, one after the o
 
 * ``trainer``: ``ichseg.engine.train.train`` for ``--epochs`` epochs; images/s is read from the
   run's ``metrics.jsonl`` (the trainer times its training loop only, not validation or saving);
-* ``bare``: the same model, batch, autocast rule (bf16 only where the device computes it
-  natively, as in the trainer) and AdamW, on the training slices held in memory as one float
+* ``bare``: the same model, batch, autocast rule (bf16 only where it is faster than fp32, as in
+  the trainer: ``bf16_autocast_pays``) and AdamW, on the training slices held in memory as one float
   tensor: forward, BCE loss, backward, step, nothing else;
 * ``bare_trainer_step``: the bare loop with the trainer's step (weighted ``TaskLoss``, gradient
   clipping, LR scheduler, ``float(loss)`` each step), still on in-memory data, so that
   trainer vs this is the data pipeline's cost and this vs bare the step extras';
 * ``bare_channels_last``: the bare loop with NHWC weights and images, a candidate change;
+* ``bare_bf16_forced``: only on a CPU with bf16 instructions where ichseg trains in fp32 (AVX-512
+  BF16 without AMX): the bare loop under bf16 autocast regardless, the evidence for that rule;
 * ``loader``: the trainer's own DataLoader (memmap cache, albumentations) iterated alone.
 
 The first epoch of each is a warm-up and is left out. Figures are medians over rounds; the
@@ -132,12 +134,14 @@ def run_bare(
     device,
     trainer_step: bool = False,
     channels_last: bool = False,
+    force_bf16: bool = False,
 ) -> list[float]:
     """images/s per epoch of a plain loop over in-memory slices.
 
     ``trainer_step`` adds what the trainer does around forward/backward/step (weighted loss,
     gradient clipping, scheduler, reading the loss back each step), still without a loader.
     ``channels_last`` stores weights and images NHWC (a candidate change for the trainer).
+    ``force_bf16`` runs under bf16 autocast whatever ichseg's rule says.
     """
     import torch
     import torch.nn.functional as F
@@ -167,7 +171,7 @@ def run_bare(
     generator = torch.Generator().manual_seed(config.seed)
     from ichseg.engine.predict import autocast
 
-    amp = config.train.amp  # as in the trainer: bf16 only where the device computes it natively
+    amp = config.train.amp  # as in the trainer: bf16 only where it is faster than fp32
     rates = []
     for _ in range(config.train.epochs):
         order = torch.randperm(count, generator=generator).to(device)
@@ -176,7 +180,8 @@ def run_bare(
         for step in range(steps):
             index = order[step * batch : (step + 1) * batch]
             x, y = images[index], targets[index]
-            with autocast(device, amp):
+            forced = torch.autocast(device.type, dtype=torch.bfloat16) if force_bf16 else None
+            with forced or autocast(device, amp):
                 logits = model(x)
             if trainer_step:
                 loss = loss_fn(logits, y)
@@ -235,6 +240,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     rss: dict[str, Any] = {"start": peak_rss_mib()}
+    from ichseg.engine.predict import bf16_autocast_pays, bf16_is_native
+
+    # Where the CPU has bf16 instructions but ichseg trains in fp32, show what bf16 would do.
+    compare_bf16 = not args.no_amp and bf16_is_native(device) and not bf16_autocast_pays(device)
     try:
         config = build_config(args, cache)
         log(f"building the slice cache: {args.studies} phantom studies x {args.slices} slices")
@@ -253,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "bare_channels_last": [],
             "loader": [],
         }
+        if compare_bf16:
+            rates["bare_bf16_forced"] = []
         epochs_logged: dict[str, list[list[float]]] = {name: [] for name in rates}
         trainer_wall = []
         for round_index in range(args.repeats):
@@ -267,6 +278,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             epochs_logged["bare_channels_last"].append(
                 run_bare(config, slices, train_idx, device, channels_last=True)
             )
+            if compare_bf16:
+                epochs_logged["bare_bf16_forced"].append(
+                    run_bare(config, slices, train_idx, device, force_bf16=True)
+                )
             rss["after_bare"] = peak_rss_mib()
             epochs_logged["loader"].append(run_loader(config, slices, splits))
             for name in rates:
@@ -279,7 +294,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
     rss["end"] = peak_rss_mib()
-    from ichseg.engine.predict import bf16_autocast_pays
 
     med = {name: median(values) for name, values in rates.items()}
     overhead = med["bare"] / med["trainer"]
@@ -320,6 +334,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "serial_prediction_images_per_s": rounded(serial, 2),
         },
         "peak_rss_mib": rss,
+        **(
+            {"bare_bf16_forced_over_bare": rounded(med["bare_bf16_forced"] / med["bare"])}
+            if compare_bf16
+            else {}
+        ),
         "goals": {"trainer_overhead_ratio": goal(overhead, 1.15, at_most=True)},
     }
     emit(result)
