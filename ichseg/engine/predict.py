@@ -347,10 +347,10 @@ INFERENCE_BATCH = {"cpu": 8, "cuda": 32}
 def default_inference_batch(device: Any) -> int:
     """:data:`INFERENCE_BATCH` for ``device`` (32 on other devices).
 
-    On CPU, smaller batches keep a batch's activations in cache: SE-ResNet50 at 256 px ran at
-    76 % of the fp32 matmul peak in batches of 8 against 59 % in batches of 32 on a 2-core AMD
-    EPYC, and 6.7 against 6.1 slices/s on another 2-core machine (``benchmarks/README.md``).
-    GPUs want larger batches.
+    On CPU, smaller batches keep a batch's activations in cache: SE-ResNet50 at 256 px in fp32
+    ran 13.2 slices/s in batches of 8 against 10.4 in batches of 32 on one 2-core AMD EPYC (76 %
+    against 59 % of the matmul peak), 6.7 against 6.1 on another, and 13.3 against 9.9 on a
+    2-core Intel Xeon (``benchmarks/README.md``). GPUs want larger batches.
     """
     return INFERENCE_BATCH.get(_device_type(device), 32)
 
