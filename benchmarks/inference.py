@@ -167,7 +167,7 @@ class PathVariant(Variant):
         )
 
         # amp as a run trained with bf16 autocast asks for it; predict_probabilities uses bf16
-        # only where it is native, and ``dtype`` records what actually ran.
+        # only where it pays (bf16_autocast_pays), and ``dtype`` records what actually ran.
         predict_probabilities(
             self.model,
             uint8_batches(self.x, default_inference_batch(self.device)),

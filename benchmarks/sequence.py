@@ -18,8 +18,8 @@ Example::
 
     python benchmarks/sequence.py --out /tmp/seqbench --phantom-seed 2024 --seeds 3
 
-(bf16 autocast falls back to fp32 on CPUs without native bf16, so no ``train.amp`` override is
-needed there.)
+(bf16 autocast falls back to fp32 where it does not pay, CPUs without AMX included, so no
+``train.amp`` override is needed there.)
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def test_compiled_inference_matches_eager_and_keeps_gradients() -> None:
     compiled = prepare_for_inference(_model(), device, compile=True, batch_size=8)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (11, 3, 64, 64), dtype=np.uint8)
-    for batch in (8, 3):
+    for batch in (8, 3, 11):
         a = predict_probabilities(eager, uint8_batches(images, batch), device, False, "multilabel")
         b = predict_probabilities(
             compiled, uint8_batches(images, batch), device, False, "multilabel"
@@ -62,3 +62,29 @@ def test_compiled_inference_matches_eager_and_keeps_gradients() -> None:
     x = torch.from_numpy(images[:2]).float().div(255).requires_grad_(True)
     compiled(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_batches_larger_than_compiled_go_through_the_graph_in_pieces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`predict --compile --batch-size 32` with a graph compiled for 8 still uses the graph."""
+    import torch
+
+    seen: list[int] = []
+
+    def fake_compile(function, **kwargs):
+        def compiled(images):
+            seen.append(images.shape[0])
+            return function(images)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    device = torch.device("cpu")
+    eager = prepare_for_inference(_model(), device, compile=False)
+    compiled = prepare_for_inference(_model(), device, compile=True, batch_size=4)
+    images = np.random.default_rng(1).integers(0, 256, (10, 3, 32, 32), dtype=np.uint8)
+    a = predict_probabilities(eager, uint8_batches(images, 10), device, False, "multilabel")
+    b = predict_probabilities(compiled, uint8_batches(images, 10), device, False, "multilabel")
+    assert seen == [4, 4, 4]  # 4 + 4 + 2 padded to 4
+    np.testing.assert_allclose(a, b, atol=1e-5)

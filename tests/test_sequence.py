@@ -119,6 +119,29 @@ def test_embeddings_are_computed_once_per_backbone(sequence_run: Path, trained_r
         other.lookup(rows[5:6])
 
 
+def test_embeddings_in_bf16_are_not_served_to_fp32(
+    sequence_run: Path, trained_run: Path, monkeypatch
+) -> None:
+    from ichseg.engine import predict
+    from ichseg.engine.cache import build_slices
+    from ichseg.engine.embeddings import embed_slices
+    from ichseg.engine.evaluate import run_preprocessor
+    from ichseg.engine.sequence import load_sequence_run
+
+    scorer = load_sequence_run(sequence_run)
+    config = scorer.config
+    slices = build_slices(config, run_preprocessor(sequence_run, config), progress=False)
+    rows = slices.usable()[:3]
+    sha1 = "1" * 40
+    monkeypatch.setattr(predict, "_bf16_autocast_pays", lambda device_type: True)
+    in_bf16 = embed_slices(scorer.backbone, slices, rows, backbone_sha1=sha1, device="cpu")
+    monkeypatch.setattr(predict, "_bf16_autocast_pays", lambda device_type: False)
+    in_fp32 = embed_slices(scorer.backbone, slices, rows, backbone_sha1=sha1, device="cpu")
+    assert in_bf16.computed and in_fp32.computed and in_fp32.folder != in_bf16.folder
+    again = embed_slices(scorer.backbone, slices, rows, backbone_sha1=sha1, device="cpu")
+    assert not again.computed and again.folder == in_fp32.folder
+
+
 def test_sequence_predict_matches_evaluation_path(sequence_run: Path) -> None:
     """predict (volume -> backbone -> head) and evaluate (cache -> embeddings -> head) agree."""
     from ichseg.engine.cache import build_slices

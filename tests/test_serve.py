@@ -627,3 +627,11 @@ def test_sniff_kind(phantom_dir: Path, tmp_path: Path) -> None:
     }
     assert {name: sniff_kind(tmp_path / name) for name in expected} == expected
     assert sniff_kind(next(_study(phantom_dir).glob("*.dcm"))) == "dicom"
+
+
+@pytest.mark.parametrize(("batch_size", "expected"), [(None, 8), (5, 5)])
+def test_the_app_batches_by_device_unless_told(
+    trained_run: Path, tmp_path: Path, batch_size, expected
+) -> None:
+    app = create_app(trained_run, device="cpu", work_dir=tmp_path, batch_size=batch_size)
+    assert app.state.analyzer.batch_size == expected

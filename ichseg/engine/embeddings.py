@@ -11,8 +11,9 @@ the slice cache::
         done.json          written last
 
 The key hashes the slice cache's folder name (itself a hash of the preprocessing and the data),
-the SHA-1 of the backbone checkpoint's bytes, the TTA views and the rows, so a retrained backbone
-or a rebuilt cache never reuses stale embeddings. The folder appears by an atomic rename. bf16
+the SHA-1 of the backbone checkpoint's bytes, the TTA views, the precision (bf16 or fp32) and the
+rows, so a retrained backbone, a rebuilt cache or another precision never reuses stale
+embeddings. The folder appears by an atomic rename. bf16
 autocast leaves the backbone's features with 8 significant bits, so float16 storage (11 bits)
 holds them exactly and halves the disk; fp32 features (where bf16 autocast does not pay) rarely fit
 float16 exactly and are kept as float32.
@@ -35,7 +36,7 @@ from ichseg.engine.cache import SliceSet
 from ichseg.engine.predict import ForwardTimer, TestTimeAugmentation
 from ichseg.fileio import write_json
 
-EMBEDDINGS_VERSION = 1
+EMBEDDINGS_VERSION = 2
 
 
 @dataclass
@@ -73,11 +74,18 @@ class EmbeddingTable:
 
 
 def embeddings_key(
-    slices: SliceSet, backbone_sha1: str, rows: np.ndarray, tta: TestTimeAugmentation | None
+    slices: SliceSet,
+    backbone_sha1: str,
+    rows: np.ndarray,
+    tta: TestTimeAugmentation | None,
+    precision: str = "fp32",
 ) -> str:
-    """The cache key of the embeddings of ``rows`` (see the module docstring)."""
+    """The cache key of the embeddings of ``rows`` (see the module docstring); ``precision``
+    is what the backbone ran in ("bf16" or "fp32"), so features computed on a machine where
+    bf16 autocast pays are not served to one that computes them in fp32."""
     payload = {
         "version": EMBEDDINGS_VERSION,
+        "precision": precision,
         "slices": Path(slices.folder).name,
         "backbone_sha1": backbone_sha1,
         "tta": tta.to_dict() if tta is not None else None,
@@ -115,16 +123,17 @@ def embed_slices(
     from torch.utils.data import DataLoader
 
     from ichseg.engine.dataset import SliceDataset
-    from ichseg.engine.predict import predict_features
+    from ichseg.engine.predict import bf16_autocast_pays, predict_features
 
     rows = np.unique(np.asarray(rows, dtype=np.int64))
-    key = embeddings_key(slices, backbone_sha1, rows, tta)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = "bf16" if amp and bf16_autocast_pays(device) else "fp32"
+    key = embeddings_key(slices, backbone_sha1, rows, tta, precision)
     folder = Path(slices.folder).parent / f"embeddings-{key}"
     if (folder / "done.json").is_file():
         return EmbeddingTable(
             np.load(folder / "rows.npy"), np.load(folder / "embeddings.npy", mmap_mode="r"), folder
         )
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device, memory_format=torch.channels_last)
     dummy = np.zeros(len(slices), dtype=np.float32)
     loader = DataLoader(SliceDataset(slices, rows, dummy), batch_size=batch_size)
@@ -134,7 +143,7 @@ def embed_slices(
     stored = values.astype(np.float16)
     if not np.array_equal(stored.astype(np.float32), values):
         stored = values  # float16 only where it is exact, so cached and live embeddings agree
-    _publish(folder, rows, stored, slices, backbone_sha1, tta)
+    _publish(folder, rows, stored, slices, backbone_sha1, tta, precision)
     return EmbeddingTable(rows, stored, folder, computed=True)
 
 
@@ -145,6 +154,7 @@ def _publish(
     slices: SliceSet,
     backbone_sha1: str,
     tta: TestTimeAugmentation | None,
+    precision: str,
 ) -> None:
     """Write the cache folder beside its final name and rename it into place."""
     tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -159,6 +169,7 @@ def _publish(
                 "slices": str(slices.folder),
                 "backbone_sha1": backbone_sha1,
                 "tta": tta.to_dict() if tta is not None else None,
+                "precision": precision,
                 "rows": int(len(rows)),
                 "num_features": int(values.shape[1]) if values.ndim == 2 else 0,
                 "dtype": str(values.dtype),

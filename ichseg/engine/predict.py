@@ -6,7 +6,7 @@ bf16 autocast covers the backbone where it is faster than fp32 (CUDA with bf16, 
 ``ClassifierModel.forward``), so logits are fp32. Elsewhere the model runs in fp32: on a CPU
 without bf16 instructions autocast emulates bf16 (measured 5x slower than fp32 for SE-ResNet50
 on an AVX2-only AMD EPYC), and with AVX-512 BF16 but no AMX it was still slower than fp32 for
-training and no faster for inference (:func:`bf16_autocast_pays`).
+training and for inference in ``predict``'s batches (:func:`bf16_autocast_pays`).
 
 Test-time augmentation (:class:`TestTimeAugmentation`) lives here too, so evaluation and
 prediction average the same views the same way: probabilities for a classifier
@@ -175,7 +175,7 @@ def autocast(device: Any, enabled: bool):
     Elsewhere ``enabled`` is ignored and the model runs in fp32 (logged once per process): a CPU
     with AVX2 only emulates bf16 (a ResNet-50 training step 9x and a U-Net epoch 10x slower
     than fp32 on a 2-core AMD EPYC), and one with AVX-512 BF16 but no AMX trained ResNet-18,
-    ResNet-50 and VGG16 0.75-0.9x as fast as in fp32.
+    ResNet-50, SE-ResNet50 and VGG16 at 0.7-0.97x their fp32 speed, never faster.
     """
     import torch
 
@@ -192,10 +192,9 @@ def _device_type(device: Any) -> str:
 
 @functools.cache
 def _note_fp32_fallback(device_type: str) -> None:
+    why = "no AMX" if device_type == "cpu" else "no native bf16"
     logging.getLogger(__name__).info(
-        "bf16 autocast is not faster than fp32 on this %s (no AMX or bf16 instructions): "
-        "running in fp32",
-        device_type,
+        "bf16 autocast does not pay on this %s (%s): running in fp32", device_type, why
     )
 
 
@@ -204,9 +203,10 @@ def bf16_autocast_pays(device: Any) -> bool:
     CPUs with AMX tiles.
 
     On a 2-core CPU with AVX-512 BF16 but no AMX (``benchmarks/README.md``), the bf16 matmul
-    peak was half the fp32 one, bf16 autocast trained ResNet-18, ResNet-50 and VGG16 at
-    0.75-0.9x their fp32 speed and ran SE-ResNet50 inference at the same speed as fp32, so
-    such CPUs run in fp32 (:func:`bf16_is_native` still says they have the instructions).
+    peak was half the fp32 one, bf16 autocast trained ResNet-18, ResNet-50, SE-ResNet50 and
+    VGG16 at 0.7-0.97x their fp32 speed, and SE-ResNet50 inference ran 0.78x as fast in batches
+    of 8 (``predict``'s CPU default) and 1.05x in batches of 32, so such CPUs run in fp32
+    (:func:`bf16_is_native` still says they have the instructions).
     """
     return _bf16_autocast_pays(_device_type(device))
 
@@ -238,8 +238,10 @@ def bf16_is_native(device: Any) -> bool:
 def _bf16_is_native(device_type: str) -> bool:
     import torch
 
-    if device_type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type == "cuda":  # not counting bf16 that older GPUs (T4, V100) emulate
+        return bool(
+            torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        )
     if device_type != "cpu":  # other backends (mps, xpu, meta): not known to be native
         return False
     cpu = getattr(torch, "cpu", None)
@@ -364,9 +366,9 @@ def prepare_for_inference(
     With ``compile``, calls without gradients (``predict_probabilities``, which runs under
     ``torch.inference_mode``) go through ``torch.compile`` (inductor with frozen weights, so
     BatchNorm is folded into the convolutions and elementwise operators are fused), each batch
-    padded to ``batch_size`` so one compiled graph serves every batch; calls with gradients
-    (Grad-CAM) and larger batches run the eager module, hooks and all. The first compiled call
-    compiles (tens of seconds on a CPU).
+    padded to ``batch_size`` (larger batches cut into pieces of that size) so one compiled graph
+    serves every batch; calls with gradients (Grad-CAM) run the eager module, hooks and all.
+    The first compiled call compiles (tens of seconds on a CPU).
 
     Args:
         model: the classifier.
@@ -393,8 +395,10 @@ def _compile_inference(model: Any, batch_size: int) -> None:
 
     def forward(images, *args, **kwargs):
         count = images.shape[0]
-        if args or kwargs or torch.is_grad_enabled() or count > batch_size:
+        if args or kwargs or torch.is_grad_enabled():
             return eager(images, *args, **kwargs)
+        if count > batch_size:  # a larger batch than compiled for: in pieces, one graph still
+            return torch.cat([forward(part) for part in images.split(batch_size)])
         if count < batch_size:
             padding = images.new_zeros((batch_size - count, *images.shape[1:]))
             images = torch.cat([images, padding]).contiguous(memory_format=torch.channels_last)

@@ -103,7 +103,7 @@ class EnsemblePredictor:
         for member in self.members:
             member.timer = ForwardTimer(views=value.views)
 
-    def score_volume(self, volume: CTVolume, batch_size: int = 32) -> VolumePrediction:
+    def score_volume(self, volume: CTVolume, batch_size: int | None = None) -> VolumePrediction:
         """Every member on the volume (input prepared once per preprocessing), averaged."""
         shared: dict = {}
         first = None
@@ -118,7 +118,7 @@ class EnsemblePredictor:
         )
 
     def score_images(
-        self, images: np.ndarray, batch_size: int = 32
+        self, images: np.ndarray, batch_size: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Mean calibrated probabilities of pictures and their standard deviation over members."""
         stacked = np.stack([m.score_images(images, batch_size)[0] for m in self.members])

@@ -155,15 +155,23 @@ class Predictor:
     def class_names(self) -> list[str]:
         return self.config.task.class_names
 
-    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """``(N, K)`` uncalibrated classifier probabilities of uint8 ``(N, C, S, S)`` input."""
+    def default_batch(self) -> int:
+        """Slices per forward pass when the caller does not choose: 8 on CPU, 32 on CUDA
+        (:func:`~ichseg.engine.predict.default_inference_batch`)."""
+        from ichseg.engine.predict import default_inference_batch
+
+        return default_inference_batch(self.device)
+
+    def probabilities(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """``(N, K)`` uncalibrated classifier probabilities of uint8 ``(N, C, S, S)`` input,
+        ``batch_size`` slices per forward pass (default: :meth:`default_batch`)."""
         from ichseg.engine.predict import predict_probabilities, uint8_batches
 
         if len(images) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
         return predict_probabilities(
             self.model,
-            uint8_batches(images, batch_size),
+            uint8_batches(images, batch_size or self.default_batch()),
             self.device,
             self.config.train.amp,
             self.config.task.mode,
@@ -171,14 +179,16 @@ class Predictor:
             self.timer,
         )
 
-    def sequence_probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def sequence_probabilities(
+        self, images: np.ndarray, batch_size: int | None = None
+    ) -> np.ndarray:
         """``(N, K)`` uncalibrated sequence-head probabilities of one series' slices in order."""
         from ichseg.engine.predict import predict_features, uint8_batches
         from ichseg.engine.sequence import series_probabilities
 
         features = predict_features(
             self.model,
-            uint8_batches(images, batch_size),
+            uint8_batches(images, batch_size or self.default_batch()),
             self.device,
             self.config.train.amp,
             self.tta,
@@ -192,14 +202,14 @@ class Predictor:
             return probabilities
         return self.calibration.apply(probabilities)
 
-    def score_volume(self, volume: CTVolume, batch_size: int = 32) -> VolumePrediction:
+    def score_volume(self, volume: CTVolume, batch_size: int | None = None) -> VolumePrediction:
         """:func:`predict_volume` with calibrated probabilities: what ``predict`` writes."""
         prediction = predict_volume(self, volume, batch_size)
         prediction.probabilities = self.calibrate(prediction.probabilities)
         return prediction
 
     def score_images(
-        self, images: np.ndarray, batch_size: int = 32
+        self, images: np.ndarray, batch_size: int | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Calibrated probabilities of pictures, and no member spread (one model)."""
         return self.calibrate(self.probabilities(images, batch_size)), None
@@ -393,7 +403,10 @@ def _model_input(predictor: Predictor, volume: CTVolume, shared: dict | None = N
 
 
 def predict_volume(
-    predictor: Predictor, volume: CTVolume, batch_size: int = 32, shared: dict | None = None
+    predictor: Predictor,
+    volume: CTVolume,
+    batch_size: int | None = None,
+    shared: dict | None = None,
 ) -> VolumePrediction:
     """Run the model on every in-scope slice of one volume (uncalibrated probabilities).
 

@@ -59,7 +59,7 @@ class Analyzer:
         limits: upload limits.
         keep_uploads: leave each request folder in place (its path is logged).
         work_dir: parent of the request folders (default: the system's temporary folder).
-        batch_size: slices per model pass.
+        batch_size: slices per model pass (default: 8 on CPU, 32 on CUDA).
     """
 
     def __init__(
@@ -69,7 +69,7 @@ class Analyzer:
         limits: UploadLimits,
         keep_uploads: bool = False,
         work_dir: Path | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
     ) -> None:
         self.predictor = predictor
         self.model_path = model_path
