@@ -203,3 +203,22 @@ def test_progress_output_never_changes_the_batch_order(monkeypatch):
     assert first_batches(lambda loader: module.progress(loader)) == plain
     monkeypatch.setattr(module, "_on_terminal", lambda: True)
     assert first_batches(lambda loader: module.progress(loader)) == plain
+
+
+def test_every_training_family_implements_the_whole_task_protocol() -> None:
+    """A family missing a protocol method fails only when the loop first calls it (a sequence
+    run lacked ``canonical_config`` until someone resumed one)."""
+    from ichseg.engine.loop import TrainTask
+    from ichseg.engine.sequence import SequenceTask
+    from ichseg.engine.train import ClassifierTask
+    from ichseg.segmentation.training import SegmenterTask
+
+    required = [
+        name
+        for name, value in vars(TrainTask).items()
+        if callable(value) and not name.startswith("_")
+    ]
+    assert "canonical_config" in required
+    for family in (ClassifierTask, SequenceTask, SegmenterTask):
+        missing = [name for name in required if not callable(getattr(family, name, None))]
+        assert not missing, f"{family.__name__} lacks {missing}"

@@ -186,6 +186,16 @@ class SequenceTask:
             "num_features": self.table.num_features,
         }
 
+    def canonical_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A stored :meth:`config_dict` with its run config validated by today's code."""
+        from ichseg.config import validate_config
+
+        run = saved.get("run")
+        canonical = dict(saved)
+        if isinstance(run, dict):
+            canonical["run"] = validate_config(run, "checkpoint").model_dump(mode="json")
+        return canonical
+
     def start_epoch(self, epoch: int) -> None:
         self.rng = np.random.default_rng(epoch_seed(self.config.seed, epoch))
 
