@@ -451,18 +451,31 @@ def test_train_segmenter_target_hemorrhage_uses_the_packaged_recipe(tmp_path):
 def test_packaged_recipe_meets_the_targets_on_unseen_phantom_studies(tmp_path):
     from ichseg.segmentation.evaluation import phantom_cases
     from ichseg.segmentation.recipes import HEMORRHAGE_RECIPE, load_segmenter_run, training_cases
+    from ichseg.volume import HEMORRHAGE_CODES
 
     run = load_segmenter_run(HEMORRHAGE_RECIPE)
     model = run.segmenter_config()
     best = train_segmenter(
         training_cases(run.data, model.target), model, tmp_path / "run", progress=False
     )
-    result = evaluate_hemorrhage_segmenter(
-        best, phantom_cases(40, 70000), tmp_path / "eval", progress=False
-    )
+    targets = ("intraparenchymal", "epidural", "intraventricular")
+    # Unseen studies from seed 70000 on, as many as it takes for every target subtype to have
+    # at least 5 reference bleeds (40 studies held only 4 intraventricular ones): decided by
+    # the reference label maps alone, before the model sees any of them.
+    cases, found = [], dict.fromkeys(targets, 0)
+    for case in phantom_cases(80, 70000):
+        cases.append(case)
+        for code, name in HEMORRHAGE_CODES.items():
+            if name in found and (case.reference == code).any():
+                found[name] += 1
+        if len(cases) >= 40 and min(found.values()) >= 5:
+            break
+    assert min(found.values()) >= 5, found
+    result = evaluate_hemorrhage_segmenter(best, cases, tmp_path / "eval", progress=False)
     summary = result["summary"]
-    for name in ("intraparenchymal", "epidural", "intraventricular"):
+    # The recipe's targets (benchmarks/README.md): Dice >= 0.8 and median volume error <= 1 ml
+    # for these three subtypes; subarachnoid and subdural blood are reported, not targeted.
+    for name in targets:
         assert summary[name]["n_reference"] >= 5, name
         assert summary[name]["dice_mean"] >= 0.8, (name, summary[name])
-    for name in ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"):
         assert summary[name]["abs_error_ml_median"] <= 1.0, (name, summary[name])
