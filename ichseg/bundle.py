@@ -188,6 +188,10 @@ def build_metadata(
         if config.masking.enabled
         else ""
     )
+    if config.masking.enabled and config.masking.crop:
+        masked += " and cut to its bounding box"
+    elif config.data.head_crop:
+        masked += "; slices cut to the head's bounding box"
     sequence = (
         f" A {'bidirectional GRU' if config.sequence.kind == 'gru' else '1D convolution'} "
         "sequence head reads the classifier's slice embeddings of each whole series in slice "

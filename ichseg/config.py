@@ -61,6 +61,11 @@ class DataConfig(StrictModel):
     windows: list[WindowSpec] = ["brain", "subdural", "bone"]
     context: int = Field(0, ge=0, le=4)
     min_brain_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # Cut every volume to the head's bounding box plus head_margin_mm (one box per volume)
+    # before resizing: the table and the air around the head stop taking pixels, so a small
+    # image_size resolves the brain better. masking.crop (a tighter box) takes precedence.
+    head_crop: bool = False
+    head_margin_mm: float = Field(5.0, ge=0.0)
     # Regex with a named group `group` applied to each file's path below `root`: the patient
     # id when the files carry none (NIfTI, pictures) or carry the wrong one.
     group_pattern: str | None = None
@@ -89,9 +94,11 @@ class DataConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _pictures_have_no_context(self) -> DataConfig:
+    def _pictures_are_single_windowed_slices(self) -> DataConfig:
         if self.source == "images" and self.context:
             raise ValueError("context (2.5D) needs CT volumes; image folders have single slices")
+        if self.source == "images" and self.head_crop:
+            raise ValueError("head_crop needs CT volumes in HU; image folders are windowed already")
         return self
 
     @property

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -333,6 +334,61 @@ def test_crop_to_mask_bbox_with_margin():
     assert crop_to_mask(images, np.zeros((40, 50)), 5.0)[1] == (0, 40, 0, 50)
     channels = np.zeros((3, 2, 40, 50), dtype=np.float32)
     assert crop_to_mask(channels, mask, 0.0)[0].shape == (3, 2, 10, 10)
+
+
+def test_head_bbox_leaves_out_the_table_and_spans_every_slice():
+    from ichseg.segmentation.masking import head_bbox
+
+    hu = np.full((3, 60, 80), -1000.0, dtype=np.float32)
+    hu[0, 10:30, 20:50] = 40.0  # the head, wider on the middle slice
+    hu[1, 8:40, 15:55] = 40.0
+    hu[1, 50:53, 0:80] = 100.0  # the table: more tissue in a slice, separated by air
+    hu[2, 12:20, 30:35] = 1000.0
+    hu[2, 54:56, :] = -400.0  # a foam head rest stays below the tissue threshold
+    assert head_bbox(hu, margin_mm=2.0, spacing=(1.0, 0.5)) == (6, 42, 11, 59)
+    assert head_bbox(hu, margin_mm=0.0) == (8, 40, 15, 55)
+    # A single slice, and a volume with no tissue at all (the whole image).
+    assert head_bbox(hu[0], margin_mm=0.0) == (10, 30, 20, 50)
+    assert head_bbox(np.full((2, 20, 30), -1000.0), margin_mm=5.0) == (0, 20, 0, 30)
+
+
+def test_head_crop_cuts_every_slice_to_the_head_before_resizing():
+    from types import SimpleNamespace
+
+    from ichseg.config import DataConfig, MaskingConfig
+    from ichseg.inference.gradcam import input_crop_box
+    from ichseg.preprocess.pipeline import Preprocessor
+    from ichseg.segmentation.masking import head_bbox
+
+    volume = study_to_volume(generate_study(11, PhantomConfig(size=64, num_slices=6)))
+    spacing = volume.spacing[1:]
+    cropping = Preprocessor(DataConfig(image_size=32, head_crop=True), MaskingConfig())
+    box = head_bbox(volume.hu, 5.0, spacing)
+    assert box != (0, 64, 0, 64)  # the phantom has air around the head to cut away
+    assert cropping.crop_box(volume) == box
+    assert input_crop_box(SimpleNamespace(preprocessor=cropping), volume, None) == box
+    # The same arrays as an uncropped preprocessor given the cropped slices.
+    y0, y1, x0, x1 = box
+    cut = replace(volume, hu=np.ascontiguousarray(volume.hu[:, y0:y1, x0:x1]))
+    plain = Preprocessor(DataConfig(image_size=32), MaskingConfig())
+    np.testing.assert_array_equal(cropping(volume).base, plain(cut).base)
+    assert plain.crop_box(volume) is None
+    # A whole-series step: no slice-by-slice lookup, its own cache key.
+    assert cropping.whole_volume and not plain.whole_volume
+    assert cropping.stored_slice(np.zeros((32, 32), np.int16), None) is None
+    assert cropping.describe() != plain.describe()
+    # A mask crop is the tighter box and wins over the head crop.
+    masking = MaskingConfig(enabled=True, crop=True, dilation_mm=0.0, margin_mm=0.0)
+    mask = volume.hu > 20
+    both = Preprocessor(DataConfig(image_size=32, head_crop=True), masking, lambda v: mask)
+    assert both.crop_box(volume, mask.astype(np.uint8)) == mask_bbox(mask)
+
+
+def test_head_crop_is_refused_for_picture_folders():
+    from ichseg.config import DataConfig
+
+    with pytest.raises(ValidationError, match="head_crop needs CT volumes"):
+        DataConfig(source="images", head_crop=True)
 
 
 def test_masking_config_rejects_unknown_keys():

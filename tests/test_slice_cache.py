@@ -148,6 +148,28 @@ def test_masked_runs_need_whole_series(flat_data, tmp_path: Path):
     assert json.loads((slices.folder / "done.json").read_text()).get("layout") is None
 
 
+def test_head_cropped_runs_cache_whole_series_cut_to_the_head(flat_data, tmp_path: Path):
+    from ichseg.io.dicom import read_dicom
+    from ichseg.preprocess.pipeline import Preprocessor
+
+    flat, labels = flat_data
+    config = _config(flat, labels, tmp_path, context=0, head_crop=True)
+    with pytest.raises(ConfigError, match="whole series"):
+        build_slices(config, progress=False, per_slice=True, workers=1)
+    slices = build_slices(config, progress=False, workers=1)
+    uncropped = build_slices(_config(flat, labels, tmp_path, context=0), progress=False)
+    assert slices.folder != uncropped.folder
+    rows = _by_slice(slices)
+    preprocessor = Preprocessor.from_config(config)
+    volumes, _ = read_dicom(flat)
+    assert len(volumes) == 3
+    for volume in volumes:
+        assert preprocessor.crop_box(volume) != (0, 48, 0, 48)
+        base = preprocessor(volume).base
+        for z in range(volume.num_slices):
+            assert np.array_equal(slices.images[rows[(volume.series_uid, z)]], base[z])
+
+
 _CHILD = """
 import sys, time
 from ichseg.config import load_config

@@ -22,7 +22,7 @@ so a context of k costs no extra disk.
 
 Two ways to build, the same arrays:
 
-* **Per slice** (DICOM-only data, no intracranial masking: every preprocessing step works on one
+* **Per slice** (DICOM-only data, no intracranial masking or head crop: every step works on one
   slice). Units are files: shard ``i`` is files ``[i * n, (i + 1) * n)`` of the sorted listing
   (``n = PER_SLICE_SHARD_FILES``, 256). A worker parses each file once from memory
   (``ichseg.io.dicom.parse_file``, header and stored pixel values), windows the slice through
@@ -174,8 +174,8 @@ def build_slices(
     files = None if per_slice is False else per_slice_files(source, preprocessor)
     if per_slice and files is None:
         raise ConfigError(
-            "a per-slice cache needs DICOM-only data and no intracranial masking "
-            "(masking works on whole series)"
+            "a per-slice cache needs DICOM-only data, no intracranial masking and no head crop "
+            "(both work on whole series)"
         )
     if files is not None:
         return build_per_slice(

@@ -47,11 +47,11 @@ def per_slice_files(source, preprocessor) -> np.ndarray | None:
     """The files to cache one by one, or None when whole volumes are needed.
 
     Per-slice caching needs a source that offers its files (DICOM only) and a preprocessor whose
-    every step works on single slices: no intracranial masking (the segmenter and the crop box
-    see the whole series).
+    every step works on single slices: no intracranial masking and no head crop (the segmenter
+    and the crop box see the whole series).
     """
     offer = getattr(source, "per_slice_files", None)
-    if offer is None or preprocessor.masker is not None or preprocessor.source_kind != "hu":
+    if offer is None or preprocessor.whole_volume or preprocessor.source_kind != "hu":
         return None
     return offer()
 

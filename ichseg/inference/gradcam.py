@@ -146,20 +146,13 @@ def write_gradcam(
     return paths
 
 
-def input_crop_box(predictor: Predictor, volume: CTVolume, mask: np.ndarray):
+def input_crop_box(predictor: Predictor, volume: CTVolume, mask: np.ndarray | None):
     """The crop box ``(y0, y1, x0, x1)`` the model's preprocessor cut from each slice, or None
     when it does not crop: where a heat map at the input size belongs on the native slice.
 
     Args:
-        predictor: the loaded model (its preprocessor's masking settings).
-        volume: the CT (its pixel spacing).
+        predictor: the loaded model (its preprocessor decides the box).
+        volume: the CT.
         mask: the intracranial mask the input was prepared with (``VolumePrediction.mask``).
     """
-    masking = predictor.preprocessor.masking
-    if not (masking.enabled and masking.crop):
-        return None
-    from ichseg.segmentation.masking import dilate_mask, mask_bbox
-
-    spacing = volume.spacing[1:]
-    grown = dilate_mask(mask, masking.dilation_mm, spacing)
-    return mask_bbox(grown, masking.margin_mm, spacing)
+    return predictor.preprocessor.crop_box(volume, mask)

@@ -10,8 +10,10 @@ Per volume: the intracranial mask (when masking is on) is dilated in-plane by
 ``dilation_mm``; with ``background: air`` the HU outside it become air before windowing, with
 ``background: min`` the windowed channels outside it become 0; with ``crop`` every slice is cut
 to one box around the dilated mask plus ``margin_mm`` (one box per volume, so the slices keep one
-size and 2.5D neighbours stay aligned). Then windows -> resize to ``image_size`` -> 2.5D
-neighbours -> uint8 (1/255 steps are 0.3 HU in the brain window, far below CT noise).
+size and 2.5D neighbours stay aligned). Without a mask crop, ``data.head_crop`` cuts the slices
+to one box around the head (the table and the air around it go) plus ``data.head_margin_mm``.
+Then windows -> resize to ``image_size`` -> 2.5D neighbours -> uint8 (1/255 steps are 0.3 HU in
+the brain window, far below CT noise).
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ class Preprocessor:
             "context": self.data.context,
             "image_size": self.data.image_size,
             "min_brain_fraction": self.data.min_brain_fraction,
+            "head_crop_margin_mm": self.data.head_margin_mm if self.data.head_crop else None,
             "masking": masking,
         }
 
@@ -200,14 +203,15 @@ class Preprocessor:
         if self.masking.enabled:
             if mask is None:
                 mask = np.asarray(self.masker(volume), dtype=np.uint8)  # type: ignore[misc]
-            from ichseg.segmentation.masking import apply_mask, crop_to_mask, dilate_mask
+            from ichseg.segmentation.masking import apply_mask, dilate_mask
 
-            pixel_spacing = volume.spacing[1:]
-            grown = dilate_mask(mask, self.masking.dilation_mm, pixel_spacing)
+            grown = dilate_mask(mask, self.masking.dilation_mm, volume.spacing[1:])
             if self.masking.background == "air":
                 hu = apply_mask(hu, grown, "air")
-            if self.masking.crop:
-                hu, box = crop_to_mask(hu, grown, self.masking.margin_mm, pixel_spacing)
+        box = self._crop_box(volume, grown)
+        if box is not None:
+            hu = hu[:, box[0] : box[1], box[2] : box[3]]
+            if grown is not None:
                 grown = grown[:, box[0] : box[1], box[2] : box[3]]
         channels = stack_windows(hu, self.data.windows)  # (Z, windows, H, W)
         if grown is not None and self.masking.background == "min":
@@ -222,6 +226,45 @@ class Preprocessor:
             self.data.context,
         )
 
+    @property
+    def whole_volume(self) -> bool:
+        """True when a step needs the whole series (the segmenter, a crop box shared by the
+        slices), so slices cannot be prepared one by one."""
+        return self.masking.enabled or self.data.head_crop
+
+    def crop_box(
+        self, volume: CTVolume, mask: np.ndarray | None = None
+    ) -> tuple[int, int, int, int] | None:
+        """The box ``(y0, y1, x0, x1)`` every slice of ``volume`` is cut to before resizing, or
+        None when this preprocessor does not crop: where the input's pixels lie on the native
+        slice (Grad-CAM maps go back through it).
+
+        Args:
+            volume: the CT.
+            mask: the intracranial mask the input is prepared with (computed when masking
+                crops and it is not given).
+        """
+        grown = None
+        if self.masking.enabled and self.masking.crop:
+            from ichseg.segmentation.masking import dilate_mask
+
+            if mask is None:
+                mask = np.asarray(self.masker(volume), dtype=np.uint8)  # type: ignore[misc]
+            grown = dilate_mask(mask, self.masking.dilation_mm, volume.spacing[1:])
+        return self._crop_box(volume, grown)
+
+    def _crop_box(
+        self, volume: CTVolume, grown: np.ndarray | None
+    ) -> tuple[int, int, int, int] | None:
+        from ichseg.segmentation.masking import head_bbox, mask_bbox
+
+        spacing = volume.spacing[1:]
+        if self.masking.enabled and self.masking.crop:
+            return mask_bbox(grown, self.masking.margin_mm, spacing)
+        if self.data.head_crop:
+            return head_bbox(volume.hu, self.data.head_margin_mm, spacing)
+        return None
+
     def stored_slice(self, stored: np.ndarray, rescale: Rescale) -> tuple[np.ndarray, bool] | None:
         """One slice given as stored DICOM values: its uint8 ``(W, S, S)`` windows and its
         slice-filter flag, the same arrays as :meth:`__call__` on its HU.
@@ -235,7 +278,7 @@ class Preprocessor:
         than native 8- or 16-bit integers.
         """
         if (
-            self.masking.enabled
+            self.whole_volume
             or self.source_kind != "hu"
             or stored.ndim != 2
             or stored.dtype.kind not in "iu"

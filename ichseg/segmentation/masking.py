@@ -121,6 +121,42 @@ def mask_bbox(
     )
 
 
+HEAD_THRESHOLD_HU = -300.0
+"""Above it: skin, fat, brain, bone; below it: air, foam head rests and pillows."""
+
+
+def head_bbox(
+    hu: np.ndarray,
+    margin_mm: float = 5.0,
+    spacing: Sequence[float] = (1.0, 1.0),
+    threshold_hu: float = HEAD_THRESHOLD_HU,
+) -> tuple[int, int, int, int]:
+    """In-plane bounding box ``(y0, y1, x0, x1)`` (half-open) of the head in a volume.
+
+    The head is the largest connected region of the tissue above ``threshold_hu`` seen through
+    the whole volume (its projection along z), so a table or head holder separated from it by
+    air is left out, and one box covers every slice. No mask is needed: the crop works on
+    unmasked rungs and on series the intracranial segmenter never saw.
+
+    Args:
+        hu: ``(Z, H, W)`` or ``(H, W)`` Hounsfield units.
+        margin_mm: margin around the box in mm.
+        spacing: pixel size ``(y, x)`` (or ``(z, y, x)``) in mm.
+        threshold_hu: tissue threshold.
+
+    Returns:
+        The box; the whole image when no tissue is found.
+    """
+    hu = np.asarray(hu)
+    tissue = (hu > threshold_hu).reshape(-1, *hu.shape[-2:]).any(axis=0)
+    labels, count = ndi.label(tissue)
+    if count == 0:
+        return 0, hu.shape[-2], 0, hu.shape[-1]
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return mask_bbox(labels == int(np.argmax(sizes)), margin_mm, spacing)
+
+
 def crop_to_mask(
     images: np.ndarray,
     mask: np.ndarray,
