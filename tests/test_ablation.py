@@ -175,5 +175,10 @@ def test_masked_rung_without_segmenter_fails_with_one_line(tmp_path: Path):
 def test_packaged_ladder_resolves_with_quick_profile():
     rung = resolve_rung("ablation/04_seresnet50_unet.yaml", profile="quick")
     assert rung.masking.enabled
+    # 64-px slices spend their pixels on the head (rungs 01-03) or the intracranial box (04).
+    assert rung.data.image_size == 64 and rung.masking.crop
+    first = resolve_rung("ablation/01_vgg16.yaml", profile="quick")
+    assert first.data.head_crop and not first.masking.enabled
+    assert resolve_rung("ablation/01_vgg16.yaml").data.head_crop is False
     with pytest.raises(ConfigError, match="unknown profile"):
         resolve_rung("ablation/01_vgg16.yaml", profile="fast")
