@@ -307,6 +307,10 @@ def _readme(meta: dict[str, Any], config: RunConfig, aggregation: str) -> str:
         if config.masking.enabled
         else "no intracranial masking (an intracranial mask is still written beside the output)"
     )
+    if config.masking.enabled and config.masking.crop:
+        masking += "; each volume is cut to the dilated mask's bounding box before resizing"
+    elif config.data.head_crop:
+        masking += "; each volume is cut to the head's bounding box before resizing"
     metrics = meta.get("eval_metrics") or {}
     performance = (
         "\n".join(f"- {k}: {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

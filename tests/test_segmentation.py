@@ -347,6 +347,13 @@ def test_head_bbox_leaves_out_the_table_and_spans_every_slice():
     hu[2, 54:56, :] = -400.0  # a foam head rest stays below the tissue threshold
     assert head_bbox(hu, margin_mm=2.0, spacing=(1.0, 0.5)) == (6, 42, 11, 59)
     assert head_bbox(hu, margin_mm=0.0) == (8, 40, 15, 55)
+    # A strap touching the table in one slice is a thin bridge: opened, it joins nothing.
+    hu[2, 40:50, 30] = 50.0
+    assert head_bbox(hu, margin_mm=0.0) == (8, 41, 15, 55)  # the bridge's root stays
+    # A head smaller than the opening keeps its box.
+    small = np.full((1, 30, 30), -1000.0, dtype=np.float32)
+    small[0, 10:14, 12:15] = 40.0
+    assert head_bbox(small, margin_mm=0.0) == (10, 14, 12, 15)
     # A single slice, and a volume with no tissue at all (the whole image).
     assert head_bbox(hu[0], margin_mm=0.0) == (10, 30, 20, 50)
     assert head_bbox(np.full((2, 20, 30), -1000.0), margin_mm=5.0) == (0, 20, 0, 30)
@@ -376,12 +383,13 @@ def test_head_crop_cuts_every_slice_to_the_head_before_resizing():
     # A whole-series step: no slice-by-slice lookup, its own cache key.
     assert cropping.whole_volume and not plain.whole_volume
     assert cropping.stored_slice(np.zeros((32, 32), np.int16), None) is None
-    assert cropping.describe() != plain.describe()
+    assert cropping.describe() != plain.describe() and "head_crop" not in plain.describe()
     # A mask crop is the tighter box and wins over the head crop.
     masking = MaskingConfig(enabled=True, crop=True, dilation_mm=0.0, margin_mm=0.0)
     mask = volume.hu > 20
     both = Preprocessor(DataConfig(image_size=32, head_crop=True), masking, lambda v: mask)
     assert both.crop_box(volume, mask.astype(np.uint8)) == mask_bbox(mask)
+    assert "head_crop" not in both.describe()  # the head crop does not apply: not in the key
 
 
 def test_head_crop_is_refused_for_picture_folders():

@@ -167,15 +167,28 @@ class Preprocessor:
         if masking is not None:
             masking.pop("checkpoint", None)  # the digest identifies the weights, not the path
             masking["segmenter_sha1"] = self.segmenter_digest
-        return {
+        described = {
             "source_kind": self.source_kind,
             "windows": self.data.model_dump(mode="json")["windows"],
             "context": self.data.context,
             "image_size": self.data.image_size,
             "min_brain_fraction": self.data.min_brain_fraction,
-            "head_crop_margin_mm": self.data.head_margin_mm if self.data.head_crop else None,
             "masking": masking,
         }
+        if self._crops_to_head:
+            # Only when it applies: caches and backbone runs of uncropped input keep their keys.
+            from ichseg.segmentation.masking import HEAD_OPENING_MM, HEAD_THRESHOLD_HU
+
+            described["head_crop"] = {
+                "margin_mm": self.data.head_margin_mm,
+                "threshold_hu": HEAD_THRESHOLD_HU,
+                "opening_mm": HEAD_OPENING_MM,
+            }
+        return described
+
+    @property
+    def _crops_to_head(self) -> bool:
+        return self.data.head_crop and not (self.masking.enabled and self.masking.crop)
 
     def __call__(self, volume: CTVolume, mask: np.ndarray | None = None) -> PreparedVolume:
         """Classifier input for every slice of ``volume``.
@@ -261,7 +274,7 @@ class Preprocessor:
         spacing = volume.spacing[1:]
         if self.masking.enabled and self.masking.crop:
             return mask_bbox(grown, self.masking.margin_mm, spacing)
-        if self.data.head_crop:
+        if self._crops_to_head:
             return head_bbox(volume.hu, self.data.head_margin_mm, spacing)
         return None
 

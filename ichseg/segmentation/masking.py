@@ -124,6 +124,10 @@ def mask_bbox(
 HEAD_THRESHOLD_HU = -300.0
 """Above it: skin, fat, brain, bone; below it: air, foam head rests and pillows."""
 
+HEAD_OPENING_MM = 5.0
+"""Bridges narrower than about twice this (a strap, a cushion's edge touching the head holder in
+one slice) are opened before the head is chosen, so they do not join the table to it."""
+
 
 def head_bbox(
     hu: np.ndarray,
@@ -134,9 +138,11 @@ def head_bbox(
     """In-plane bounding box ``(y0, y1, x0, x1)`` (half-open) of the head in a volume.
 
     The head is the largest connected region of the tissue above ``threshold_hu`` seen through
-    the whole volume (its projection along z), so a table or head holder separated from it by
-    air is left out, and one box covers every slice. No mask is needed: the crop works on
-    unmasked rungs and on series the intracranial segmenter never saw.
+    the whole volume (its projection along z), after an opening by ``HEAD_OPENING_MM`` that
+    cuts thin bridges, so a table or head holder is left out, and one box covers every slice.
+    No mask is needed: the crop works on unmasked rungs and on series the intracranial
+    segmenter never saw. Parts of the head thinner than the opening (ears, the nose tip) can
+    fall outside the box; the margin takes most of them back.
 
     Args:
         hu: ``(Z, H, W)`` or ``(H, W)`` Hounsfield units.
@@ -149,6 +155,10 @@ def head_bbox(
     """
     hu = np.asarray(hu)
     tissue = (hu > threshold_hu).reshape(-1, *hu.shape[-2:]).any(axis=0)
+    radius = max(1, round(HEAD_OPENING_MM / max(_pixel_spacing(spacing))))
+    opened = ndi.binary_opening(tissue, ndi.generate_binary_structure(2, 1), iterations=radius)
+    if opened.any():  # a head smaller than the opening keeps its unopened shape
+        tissue = opened
     labels, count = ndi.label(tissue)
     if count == 0:
         return 0, hu.shape[-2], 0, hu.shape[-1]
