@@ -188,10 +188,7 @@ def build_metadata(
         if config.masking.enabled
         else ""
     )
-    if config.masking.enabled and config.masking.crop:
-        masked += " and cut to its bounding box"
-    elif config.data.head_crop:
-        masked += "; slices cut to the head's bounding box"
+    masked += _crop_text(config, "; slices cut to the {}")
     sequence = (
         f" A {'bidirectional GRU' if config.sequence.kind == 'gru' else '1D convolution'} "
         "sequence head reads the classifier's slice embeddings of each whole series in slice "
@@ -296,6 +293,15 @@ def inference_config() -> dict[str, Any]:
     return json.loads(resource_text(INFERENCE_FILE))
 
 
+def _crop_text(config: RunConfig, template: str) -> str:
+    """``template`` naming the box the run's slices are cut to, or "" when they are not."""
+    from ichseg.preprocess.pipeline import crop_kind
+
+    boxes = {"mask": "dilated mask's bounding box", "head": "head's bounding box"}
+    kind = crop_kind(config.data, config.masking)
+    return template.format(boxes[kind]) if kind else ""
+
+
 def _readme(meta: dict[str, Any], config: RunConfig, aggregation: str) -> str:
     from string import Template
 
@@ -307,10 +313,7 @@ def _readme(meta: dict[str, Any], config: RunConfig, aggregation: str) -> str:
         if config.masking.enabled
         else "no intracranial masking (an intracranial mask is still written beside the output)"
     )
-    if config.masking.enabled and config.masking.crop:
-        masking += "; each volume is cut to the dilated mask's bounding box before resizing"
-    elif config.data.head_crop:
-        masking += "; each volume is cut to the head's bounding box before resizing"
+    masking += _crop_text(config, "; each volume is cut to the {} before resizing")
     metrics = meta.get("eval_metrics") or {}
     performance = (
         "\n".join(f"- {k}: {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -70,6 +70,14 @@ def gather_context(base: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     """
     stacked = base[neighbours]  # (M, 2k+1, W, S, S)
     return stacked.reshape(len(neighbours), -1, *base.shape[-2:])
+
+
+def crop_kind(data: DataConfig, masking: MaskingConfig) -> Literal["mask", "head"] | None:
+    """Which box slices are cut to before resizing: the dilated intracranial mask's
+    (``masking.crop``, the tighter one, wins), the head's (``data.head_crop``), or none."""
+    if masking.enabled and masking.crop:
+        return "mask"
+    return "head" if data.head_crop else None
 
 
 def file_digest(path: str | Path) -> str:
@@ -188,7 +196,7 @@ class Preprocessor:
 
     @property
     def _crops_to_head(self) -> bool:
-        return self.data.head_crop and not (self.masking.enabled and self.masking.crop)
+        return crop_kind(self.data, self.masking) == "head"
 
     def __call__(self, volume: CTVolume, mask: np.ndarray | None = None) -> PreparedVolume:
         """Classifier input for every slice of ``volume``.
@@ -258,7 +266,7 @@ class Preprocessor:
                 crops and it is not given).
         """
         grown = None
-        if self.masking.enabled and self.masking.crop:
+        if crop_kind(self.data, self.masking) == "mask":
             from ichseg.segmentation.masking import dilate_mask
 
             if mask is None:
@@ -272,9 +280,10 @@ class Preprocessor:
         from ichseg.segmentation.masking import head_bbox, mask_bbox
 
         spacing = volume.spacing[1:]
-        if self.masking.enabled and self.masking.crop:
+        kind = crop_kind(self.data, self.masking)
+        if kind == "mask":
             return mask_bbox(grown, self.masking.margin_mm, spacing)
-        if self._crops_to_head:
+        if kind == "head":
             return head_bbox(volume.hu, self.data.head_margin_mm, spacing)
         return None
 

@@ -159,12 +159,9 @@ def head_bbox(
     opened = ndi.binary_opening(tissue, ndi.generate_binary_structure(2, 1), iterations=radius)
     if opened.any():  # a head smaller than the opening keeps its unopened shape
         tissue = opened
-    labels, count = ndi.label(tissue)
-    if count == 0:
-        return 0, hu.shape[-2], 0, hu.shape[-1]
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return mask_bbox(labels == int(np.argmax(sizes)), margin_mm, spacing)
+    from ichseg.segmentation.classical import largest_component
+
+    return mask_bbox(largest_component(tissue), margin_mm, spacing)
 
 
 def crop_to_mask(
