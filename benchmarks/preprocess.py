@@ -231,6 +231,8 @@ def per_file_costs(files: list[Path]) -> dict[str, float]:
         "dcmread_pixel_array": lambda p: pydicom.dcmread(p).pixel_array,
         "dcmread_only": lambda p: pydicom.dcmread(p),
         "ichseg_parse_file_single_pass": parse_file,
+        # What the slice cache's workers parse: stored values, in place in the file's bytes.
+        "ichseg_parse_file_stored": lambda p: parse_file(p, keep_stored=True),
         "ichseg_read_header": read_header,
         "ichseg_decode_slice": decode_slice,
     }

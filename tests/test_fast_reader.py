@@ -278,3 +278,63 @@ def test_the_workers_option_applies_to_one_command(tmp_path: Path, monkeypatch) 
     assert result.exit_code == 0, result.output
     assert seen and set(seen) == {3}
     assert "ICHSEG_WORKERS" not in os.environ
+
+
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+
+def _rewritten(source: Path, target: Path, syntax: str, change=None) -> Path:
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    if change is not None:
+        change(ds)
+    if syntax == RLE_LOSSLESS:
+        ds.compress(RLE_LOSSLESS, generate_instance_uid=False)
+    else:
+        ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def _eight_bit_odd(ds) -> None:
+    # 5 x 7 pixels of one byte: an odd length, padded to even in the file.
+    ds.Rows, ds.Columns = 5, 7
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = (np.arange(35, dtype=np.uint8) * 7).tobytes()
+
+
+def _trailing_padding(ds) -> None:
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 64)  # Data Set Trailing Padding after the pixels
+
+
+@pytest.mark.parametrize(
+    ("syntax", "change", "in_place"),
+    [
+        ("1.2.840.10008.1.2.1", None, True),
+        ("1.2.840.10008.1.2", None, True),
+        ("1.2.840.10008.1.2.1", _eight_bit_odd, True),
+        ("1.2.840.10008.1.2", _eight_bit_odd, True),
+        ("1.2.840.10008.1.2.1", _trailing_padding, True),
+        (RLE_LOSSLESS, None, False),  # compressed: read in full, then decoded
+    ],
+    ids=["explicit", "implicit", "explicit_8bit_odd", "implicit_8bit_odd", "trailing", "rle"],
+)
+def test_pixels_are_read_in_place_from_the_file_bytes(
+    phantom_dir: Path, tmp_path: Path, syntax, change, in_place
+) -> None:
+    # The pixel element of an uncompressed little-endian file is a view on the bytes read
+    # (no copy), and the stored values are exactly pydicom's.
+    import pydicom
+
+    source = sorted((phantom_dir / "dicom").glob("*/*.dcm"))[3]
+    path = _rewritten(source, tmp_path / "slice.dcm", syntax, change)
+    decoded = parse_file(path, keep_stored=True).decoded
+    assert decoded is not None
+    expected = pydicom.dcmread(path).pixel_array
+    assert decoded.stored.dtype == expected.dtype
+    assert np.array_equal(decoded.stored, expected)
+    assert decoded.stored.flags.writeable is not in_place
+    hu = parse_file(path).decoded.hu
+    assert np.array_equal(hu, decoded.rescale.hu(expected))

@@ -61,6 +61,27 @@ def test_stored_slice_equals_the_hu_path(name, shape, image_size, min_fraction):
         assert keep == bool(expected.keep[0])
 
 
+@pytest.mark.parametrize(
+    "windows",
+    [
+        ["brain"],
+        ["brain", "subdural", "bone"],
+        ["brain", "subdural", "bone", "stroke", {"center": 50, "width": 130}],
+    ],
+    ids=["one_window", "three_windows", "five_windows"],
+)
+def test_twofold_shrink_looks_up_every_window_count(windows):
+    # Up to four windows share one 64-bit lookup; more are looked up one by one. Both must
+    # give the whole-volume path's numbers.
+    dtype, rescale = RESCALES["ct_signed"]
+    preprocessor = Preprocessor(DataConfig(image_size=32, windows=windows), MaskingConfig())
+    stored = _stored(dtype, (64, 64), seed=5)
+    volume = CTVolume(rescale.hu(stored)[None], np.eye(4), "", "", np.zeros(1))
+    looked_up = preprocessor.stored_slice(stored, rescale)
+    assert looked_up is not None
+    assert np.array_equal(looked_up[0], preprocessor(volume).base[0])
+
+
 def test_tables_do_not_apply_to_wide_or_masked_input():
     preprocessor = Preprocessor(DataConfig(image_size=16), MaskingConfig())
     rescale = Rescale(1.0, -1024.0)

@@ -2,15 +2,18 @@ import numpy as np
 import pytest
 
 from ichseg.preprocess.windowing import (
+    HALVING_UNITS_PER_LEVEL,
     STANDARD_WINDOWS,
     Window,
     halve_slices,
+    halve_units,
     neighbour_index,
     nonblank_slices,
     resize_slices,
     resolve_window,
     stack_windows,
     window,
+    window_units,
 )
 
 
@@ -133,3 +136,28 @@ def test_twofold_shrink_keeps_the_dtype_and_needs_even_sizes():
     assert halved[0, 0, 0] == 150 and halved[0, 1, 2] == 200
     with pytest.raises(ValueError, match="even"):
         halve_slices(np.zeros((5, 4), dtype=np.float32))
+
+
+def test_twofold_shrink_in_units_is_the_rounded_block_mean():
+    rng = np.random.default_rng(11)
+    hu = (rng.random((2, 64, 48)) * 300 - 100).astype(np.float32)
+    hu[:, :4, :4] = 3000.0  # every window saturated: the largest sum must fit in 16 bits
+    hu[:, 4:8, :4] = -1000.0
+    units = window_units(hu)
+    assert units.dtype == np.uint16 and units.shape == (2, 3, 64, 48)
+    assert units.max() == 255 * HALVING_UNITS_PER_LEVEL
+    shrunk = halve_units(units)
+    exact = np.rint(halve_slices(stack_windows(hu)) * 255)
+    assert shrunk.dtype == np.uint8 and shrunk.shape == (2, 3, 32, 24)
+    assert (shrunk[:, :, 0, 0] == 255).all() and (shrunk[:, :, 2, 0] == 0).all()
+    difference = np.abs(shrunk.astype(np.float32) - exact)
+    # Sums in 1/64 of a level move a mean across a rounding boundary only when it lies within
+    # 1/128 of a level from it.
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.02
+    # A block of one value keeps that value's level.
+    levels = rng.integers(0, 256, size=(2, 5, 7)) / 255 * 80  # brain window: 0-80 HU
+    blocks = np.repeat(np.repeat(levels, 2, axis=-2), 2, axis=-1)
+    expected = np.rint(stack_windows(levels, ["brain"]) * 255).astype(np.uint8)
+    assert np.array_equal(halve_units(window_units(blocks, ["brain"])), expected)
+    with pytest.raises(ValueError, match="even"):
+        halve_units(np.zeros((5, 4), dtype=np.uint16))

@@ -194,7 +194,11 @@ def _dcmread_full(path: Path, file_size: int | None = None):
         try:
             source: Any = path
             if file_size is not None and file_size <= IN_MEMORY_PARSE_BYTES:
-                source = io.BytesIO(path.read_bytes())
+                data = path.read_bytes()
+                in_place = _read_with_pixel_view(data)
+                if in_place is not None:
+                    return in_place
+                source = io.BytesIO(data)
             try:
                 return pydicom.dcmread(source)
             except InvalidDicomError:
@@ -209,7 +213,60 @@ def _dcmread_full(path: Path, file_size: int | None = None):
 
 
 # Uncompressed little-endian syntaxes: the pixel bytes can go to pydicom's decoder as they are.
-_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+_IMPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+_NATIVE_LITTLE_ENDIAN = {_IMPLICIT_LITTLE_ENDIAN, "1.2.840.10008.1.2.1"}
+_PIXEL_DATA_TAG = 0x7FE00010
+_LONG_LENGTH_VRS = {b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT"}
+
+
+def _read_with_pixel_view(data: bytes):
+    """The dataset in ``data`` with its PixelData element a view on ``data`` (no copy), or
+    None where the full read must decide (compressed or big-endian data, a pixel element of
+    undefined or overlong length, float pixel data, a file pydicom cannot read this way).
+
+    Reading the pixel element copies it (half a megabyte for a 512 px slice) and decoding
+    copies it again: a quarter of a slice's whole parse. The header is read as usual, up to
+    the pixel element; the element's own 8 or 12 bytes are read here.
+    """
+    import io
+    import struct
+
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    stream = io.BytesIO(data)
+    try:
+        ds = pydicom.dcmread(stream, stop_before_pixels=True)
+    except Exception:
+        return None
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    if syntax not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    position = stream.tell()
+    if position + 12 > len(data) or struct.unpack_from("<I", data, position)[0] != 0x00107FE0:
+        return None  # not at PixelData: float pixel data, or nothing left
+    vr: str | None = None
+    if syntax == _IMPLICIT_LITTLE_ENDIAN:
+        (length,), start = struct.unpack_from("<I", data, position + 4), position + 8
+    else:
+        vr_bytes = data[position + 4 : position + 6]
+        if vr_bytes in _LONG_LENGTH_VRS:
+            (length,), start = struct.unpack_from("<I", data, position + 8), position + 12
+        else:
+            (length,), start = struct.unpack_from("<H", data, position + 6), position + 8
+        vr = vr_bytes.decode("ascii", "replace")
+    if length == 0xFFFFFFFF or start + length > len(data):
+        return None  # encapsulated, or truncated: the full read reports it
+    view = memoryview(data)[start : start + length]
+    implicit = syntax == _IMPLICIT_LITTLE_ENDIAN
+    ds[_PIXEL_DATA_TAG] = RawDataElement(
+        Tag(_PIXEL_DATA_TAG), vr, length, view, start, implicit, True
+    )
+    return ds
+
+
 # Image Pixel module elements -> pydicom decoding options (``as_pixel_options``).
 _PIXEL_OPTIONS = {
     "SamplesPerPixel": "samples_per_pixel",
@@ -254,7 +311,9 @@ def _stored_pixels(ds, values: ElementValues) -> np.ndarray:
     options["number_of_frames"] = 1 if frames in (None, 0) else frames
     options["pixel_keyword"] = "PixelData"
     options["pixel_vr"] = raw.VR or "OW"
-    return get_decoder(syntax).as_array(raw.value, **options)[0]
+    # A read-only view on the file's bytes where the decoder can give one: every use of the
+    # stored values makes a new array (HU, lookups), so a copy would buy nothing.
+    return get_decoder(syntax).as_array(raw.value, view_only=True, **options)[0]
 
 
 def _decode_dataset(

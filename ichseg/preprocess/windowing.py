@@ -150,28 +150,75 @@ def halve_slices(images: np.ndarray) -> np.ndarray:
     arithmetic (each output centre falls halfway between two input pixels on each axis), so
     :func:`resize_slices` uses it for 512 -> 256, in numpy: as fast as torch, and the slice
     cache's workers need not import torch (seconds each). The blocks are summed in one fixed
-    order, ``((top left + top right) + (bottom left + bottom right)) / 4``, so that
-    :func:`halve_sums` of looked-up values gives the same floats.
+    order, ``((top left + top right) + (bottom left + bottom right)) / 4``.
     """
     height, width = images.shape[-2:]
     if height % 2 or width % 2:
         raise ValueError(f"halving needs even sizes, got {height} x {width}")
-    return halve_sums(
-        images[..., 0::2, 0::2],
-        images[..., 0::2, 1::2],
-        images[..., 1::2, 0::2],
-        images[..., 1::2, 1::2],
-    )
-
-
-def halve_sums(
-    top_left: np.ndarray, top_right: np.ndarray, bottom_left: np.ndarray, bottom_right: np.ndarray
-) -> np.ndarray:
-    """:func:`halve_slices` from the four pixels of each block given as separate arrays."""
-    out = np.add(top_left, top_right, dtype=np.float32)
-    out += np.add(bottom_left, bottom_right, dtype=np.float32)
+    out = np.add(images[..., 0::2, 0::2], images[..., 0::2, 1::2], dtype=np.float32)
+    out += np.add(images[..., 1::2, 0::2], images[..., 1::2, 1::2], dtype=np.float32)
     out *= np.float32(0.25)
     return out
+
+
+HALVING_UNITS_PER_LEVEL = 64
+"""Fixed-point step of the twofold shrink to uint8 (:func:`halve_units`): windowed values are
+summed in 1/64 of a uint8 level, so the four values of a 2 x 2 block (each at most 255 x 64)
+sum within 16 bits."""
+BLOCK_SUM_SHIFT = 8
+"""A 2 x 2 block's sum in units, shifted right by this, is its mean in levels (4 x 64 = 2 ** 8)."""
+
+
+def window_units(
+    hu: np.ndarray, windows: Sequence[str | Window | tuple[float, float]] = DEFAULT_WINDOWS
+) -> np.ndarray:
+    """:func:`stack_windows` in uint16 counts of 1/64 of a uint8 level (0 to 16320, rounded
+    half up): ``(..., H, W)`` -> ``(..., C, H, W)``, the input of :func:`halve_units`.
+
+    Computed straight from HU (one float scratch slice per window, no float stack), so a
+    512 -> 256 volume is shrunk as fast as the float path did it.
+    """
+    resolved = [resolve_window(w) for w in windows]
+    if not resolved:
+        raise ValueError("at least one window is needed")
+    hu = np.asarray(hu, dtype=np.float32)
+    out = np.empty(hu.shape[:-2] + (len(resolved),) + hu.shape[-2:], dtype=np.uint16)
+    top = np.float32(255 * HALVING_UNITS_PER_LEVEL)
+    scratch = np.empty(hu.shape, dtype=np.float32)
+    for index, w in enumerate(resolved):
+        np.subtract(hu, np.float32(w.low), out=scratch)
+        scratch *= top / np.float32(w.width)
+        scratch += np.float32(0.5)
+        np.clip(scratch, np.float32(0.0), top + np.float32(0.5), out=scratch)
+        np.copyto(out[..., index, :, :], scratch, casting="unsafe")  # truncation: half up
+    return out
+
+
+def block_sums_to_uint8(sums: np.ndarray) -> np.ndarray:
+    """uint8 levels from sums of four :func:`window_units` values: the block mean, rounded
+    half up (``(sum + 128) >> 8``)."""
+    rounded = np.asarray(sums, dtype=np.uint32) + np.uint32(1 << (BLOCK_SUM_SHIFT - 1))
+    rounded >>= np.uint32(BLOCK_SUM_SHIFT)
+    return rounded.astype(np.uint8)
+
+
+def halve_units(units: np.ndarray) -> np.ndarray:
+    """:func:`window_units` slices (even sizes) shrunk twofold to uint8 levels: the mean of
+    each 2 x 2 block.
+
+    The same as :func:`halve_slices` of :func:`stack_windows` quantised to 0-255, except where
+    a block's mean lies within 1/128 of a level from a rounding boundary (about 0.2 % of a CT
+    slice's pixels then differ by one level). Integer sums are what make the slice cache's
+    lookups fast (one 64-bit lookup per pixel gives every window's units); the whole-volume
+    path uses this very function, so both give the same numbers.
+    """
+    height, width = units.shape[-2:]
+    if height % 2 or width % 2:
+        raise ValueError(f"halving needs even sizes, got {height} x {width}")
+    sums = units[..., 0::2, 0::2] + units[..., 0::2, 1::2]
+    sums += units[..., 1::2, 0::2]
+    sums += units[..., 1::2, 1::2]
+    return block_sums_to_uint8(sums)
 
 
 def resize_slices(images: np.ndarray, size: tuple[int, int], order: int = 1) -> np.ndarray:
