@@ -305,6 +305,11 @@ def _eight_bit_odd(ds) -> None:
     ds.PixelData = (np.arange(35, dtype=np.uint8) * 7).tobytes()
 
 
+def _twelve_bit_signed(ds) -> None:
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 1
+    ds.PhotometricInterpretation = "MONOCHROME1"
+
+
 def _trailing_padding(ds) -> None:
     ds.add_new(0xFFFCFFFC, "OB", b"\0" * 64)  # Data Set Trailing Padding after the pixels
 
@@ -317,9 +322,20 @@ def _trailing_padding(ds) -> None:
         ("1.2.840.10008.1.2.1", _eight_bit_odd, True),
         ("1.2.840.10008.1.2", _eight_bit_odd, True),
         ("1.2.840.10008.1.2.1", _trailing_padding, True),
+        # 12 of 16 bits stored: the decoder sign-extends bit 11 (values above 2047 here), so
+        # the slice goes through it.
+        ("1.2.840.10008.1.2.1", _twelve_bit_signed, False),
         (RLE_LOSSLESS, None, False),  # compressed: read in full, then decoded
     ],
-    ids=["explicit", "implicit", "explicit_8bit_odd", "implicit_8bit_odd", "trailing", "rle"],
+    ids=[
+        "explicit",
+        "implicit",
+        "explicit_8bit_odd",
+        "implicit_8bit_odd",
+        "trailing",
+        "12bit_monochrome1",
+        "rle",
+    ],
 )
 def test_pixels_are_read_in_place_from_the_file_bytes(
     phantom_dir: Path, tmp_path: Path, syntax, change, in_place

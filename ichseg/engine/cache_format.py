@@ -21,8 +21,8 @@ from ichseg.errors import InputError
 
 # 3: per-slice scan attributes; 4: slices shrunk past twofold resized with antialiasing;
 # 5: twofold shrinks as 2 x 2 block means in numpy (torch's order differed in the last bit
-# on small images).
-CACHE_VERSION = 5
+# on small images); 6: twofold shrinks summed in 1/64 of a uint8 level (integer lookups).
+CACHE_VERSION = 6
 DISK_MARGIN = 1.05
 """Free disk needed, as a multiple of a build's estimate."""
 

@@ -195,8 +195,12 @@ def quiet_pydicom():
     """
     import pydicom
 
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):
-        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    pydicom_log = logging.getLogger("pydicom")
+    # Only when it changes: every setLevel clears all loggers' caches (called once per file).
+    if pydicom_log.level != logging.CRITICAL and not logging.getLogger().isEnabledFor(
+        logging.DEBUG
+    ):
+        pydicom_log.setLevel(logging.CRITICAL)
     return pydicom
 
 

@@ -311,9 +311,46 @@ def _stored_pixels(ds, values: ElementValues) -> np.ndarray:
     options["number_of_frames"] = 1 if frames in (None, 0) else frames
     options["pixel_keyword"] = "PixelData"
     options["pixel_vr"] = raw.VR or "OW"
+    plain = _plain_monochrome(raw.value, options)
+    if plain is not None:
+        return plain
     # A read-only view on the file's bytes where the decoder can give one: every use of the
     # stored values makes a new array (HU, lookups), so a copy would buy nothing.
     return get_decoder(syntax).as_array(raw.value, view_only=True, **options)[0]
+
+
+def _plain_monochrome(buffer, options: dict[str, Any]) -> np.ndarray | None:
+    """The one frame of a well-formed uncompressed little-endian greyscale slice (8 or 16 bits
+    a pixel, all of them stored), read in place; None for anything else, which pydicom's
+    decoder validates and decodes.
+
+    For such a slice the decoder gives exactly these values: no colour conversion applies, and
+    no correction of unused high bits (with BitsStored below BitsAllocated, as in 12-bit CT,
+    the decoder masks or sign-extends them, making a new array anyway). Its option validation
+    costs as much as the rest of the pixel step.
+    """
+    rows, columns = options.get("rows"), options.get("columns")
+    bits, stored_bits = options.get("bits_allocated"), options.get("bits_stored")
+    representation = options.get("pixel_representation")
+    if not (
+        options.get("samples_per_pixel") == 1
+        and options.get("number_of_frames") == 1
+        and str(options.get("photometric_interpretation", "")).strip()
+        in ("MONOCHROME1", "MONOCHROME2")
+        and bits in (8, 16)
+        and stored_bits == bits
+        and representation in (0, 1)
+        and isinstance(rows, int)
+        and isinstance(columns, int)
+        and rows > 0
+        and columns > 0
+    ):
+        return None
+    count = rows * columns
+    if len(buffer) < count * bits // 8:
+        return None  # too short: the decoder says how
+    dtype = np.dtype(("i" if representation else "u") + str(bits // 8)).newbyteorder("<")
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(rows, columns)
 
 
 def _decode_dataset(
