@@ -216,7 +216,7 @@ def _dcmread_full(path: Path, file_size: int | None = None):
 _IMPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 _NATIVE_LITTLE_ENDIAN = {_IMPLICIT_LITTLE_ENDIAN, "1.2.840.10008.1.2.1"}
 _PIXEL_DATA_TAG = 0x7FE00010
-_LONG_LENGTH_VRS = {b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT"}
+_PIXEL_VRS = {b"OB", b"OW", b"UN"}  # the VRs PixelData may have (4-byte lengths, all three)
 
 
 def _read_with_pixel_view(data: bytes):
@@ -242,27 +242,28 @@ def _read_with_pixel_view(data: bytes):
         return None
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
-    if syntax not in _NATIVE_LITTLE_ENDIAN:
+    # The encoding pydicom read the header with, which it corrects when a file's elements
+    # contradict its declared syntax.
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if syntax not in _NATIVE_LITTLE_ENDIAN or little is not True or implicit is None:
         return None
     position = stream.tell()
     if position + 12 > len(data) or struct.unpack_from("<I", data, position)[0] != 0x00107FE0:
         return None  # not at PixelData: float pixel data, or nothing left
     vr: str | None = None
-    if syntax == _IMPLICIT_LITTLE_ENDIAN:
+    if implicit:
         (length,), start = struct.unpack_from("<I", data, position + 4), position + 8
     else:
         vr_bytes = data[position + 4 : position + 6]
-        if vr_bytes in _LONG_LENGTH_VRS:
-            (length,), start = struct.unpack_from("<I", data, position + 8), position + 12
-        else:
-            (length,), start = struct.unpack_from("<H", data, position + 6), position + 8
-        vr = vr_bytes.decode("ascii", "replace")
+        if vr_bytes not in _PIXEL_VRS:
+            return None
+        (length,), start = struct.unpack_from("<I", data, position + 8), position + 12
+        vr = vr_bytes.decode("ascii")
     if length == 0xFFFFFFFF or start + length > len(data):
         return None  # encapsulated, or truncated: the full read reports it
     view = memoryview(data)[start : start + length]
-    implicit = syntax == _IMPLICIT_LITTLE_ENDIAN
     ds[_PIXEL_DATA_TAG] = RawDataElement(
-        Tag(_PIXEL_DATA_TAG), vr, length, view, start, implicit, True
+        Tag(_PIXEL_DATA_TAG), vr, length, view, start, bool(implicit), True
     )
     return ds
 
