@@ -314,13 +314,22 @@ def _trailing_padding(ds) -> None:
     ds.add_new(0xFFFCFFFC, "OB", b"\0" * 64)  # Data Set Trailing Padding after the pixels
 
 
-def _declared_explicit_encoded_implicit(source: Path, target: Path) -> Path:
+def _mislabelled(source: Path, target: Path, written_implicit: bool) -> Path:
+    """A slice whose meta information declares one VR encoding and whose elements use the
+    other; 128 x 128 pixels, so that reading a VR as a length (or the reverse) would not
+    fit inside the file unnoticed."""
     import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     ds = pydicom.dcmread(source)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    pydicom.dcmwrite(target, ds, implicit_vr=True, little_endian=True, force_encoding=True)
+    ds.Rows = ds.Columns = 128
+    ds.PixelData = (np.arange(128 * 128, dtype=np.int16) % 2000 - 1000).tobytes()
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 64)  # bytes after the pixels
+    declared = ExplicitVRLittleEndian if written_implicit else ImplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = declared
+    pydicom.dcmwrite(
+        target, ds, implicit_vr=written_implicit, little_endian=True, force_encoding=True
+    )
     return target
 
 
@@ -346,7 +355,8 @@ def _bytes_behind(array: np.ndarray) -> int:
         # the slice goes through it.
         ("1.2.840.10008.1.2.1", _twelve_bit_signed, False),
         (RLE_LOSSLESS, None, False),  # compressed: read in full, then decoded
-        ("mislabelled", None, False),  # explicit VR declared, implicit VR written
+        ("written_implicit", None, True),  # explicit VR declared, implicit VR written
+        ("written_explicit", None, True),  # implicit VR declared, explicit VR written
     ],
     ids=[
         "explicit",
@@ -356,7 +366,8 @@ def _bytes_behind(array: np.ndarray) -> int:
         "trailing",
         "12bit_monochrome1",
         "rle",
-        "mislabelled",
+        "declared_explicit_written_implicit",
+        "declared_implicit_written_explicit",
     ],
 )
 def test_pixels_are_read_in_place_from_the_file_bytes(
@@ -369,8 +380,8 @@ def test_pixels_are_read_in_place_from_the_file_bytes(
     import pydicom
 
     source = sorted((phantom_dir / "dicom").glob("*/*.dcm"))[3]
-    if syntax == "mislabelled":
-        path = _declared_explicit_encoded_implicit(source, tmp_path / "slice.dcm")
+    if syntax.startswith("written_"):
+        path = _mislabelled(source, tmp_path / "slice.dcm", syntax == "written_implicit")
     else:
         path = _rewritten(source, tmp_path / "slice.dcm", syntax, change)
     decoded = parse_file(path, keep_stored=True).decoded
@@ -383,3 +394,50 @@ def test_pixels_are_read_in_place_from_the_file_bytes(
     assert (_bytes_behind(decoded.stored) == path.stat().st_size) is in_place
     hu = parse_file(path).decoded.hu
     assert np.array_equal(hu, decoded.rescale.hu(expected))
+
+
+def test_declared_syntax_is_read_from_the_meta_bytes(phantom_dir: Path, tmp_path: Path) -> None:
+    # Compressed files skip the header-only parse (one full read, as before the in-place
+    # reader); files without a preamble or meta information give None.
+    from ichseg.io.dicom_pixels import _declared_transfer_syntax
+
+    source = sorted((phantom_dir / "dicom").glob("*/*.dcm"))[3]
+    rle = _rewritten(source, tmp_path / "rle.dcm", RLE_LOSSLESS)
+    implicit = _rewritten(source, tmp_path / "implicit.dcm", "1.2.840.10008.1.2")
+    assert _declared_transfer_syntax(rle.read_bytes()) == RLE_LOSSLESS
+    assert _declared_transfer_syntax(implicit.read_bytes()) == "1.2.840.10008.1.2"
+    assert _declared_transfer_syntax(source.read_bytes()[128:]) is None
+    assert _declared_transfer_syntax(b"") is None
+
+
+def test_plain_12bit_slices_skip_the_decoder_with_its_values(
+    phantom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 12 of 16 bits stored, high bits holding garbage: the decoder masks (unsigned) or
+    # sign-extends (signed) them; the plain path must give the same values without it.
+    import pydicom
+    import pydicom.pixels
+
+    source = sorted((phantom_dir / "dicom").glob("*/*.dcm"))[3]
+    for representation in (0, 1):
+
+        def twelve_bits(ds, representation=representation) -> None:
+            ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, representation
+            values = np.arange(ds.Rows * ds.Columns, dtype=np.uint16) * 37  # all 16 bits
+            ds.PixelData = values.astype(np.int16 if representation else np.uint16).tobytes()
+
+        path = _rewritten(
+            source, tmp_path / f"r{representation}.dcm", "1.2.840.10008.1.2.1", twelve_bits
+        )
+        expected = pydicom.dcmread(path).pixel_array
+        assert expected.max() < 4096 if representation == 0 else expected.min() >= -2048
+
+        def no_decoder(*args, **kwargs):
+            raise AssertionError("the decoder was used")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(pydicom.pixels, "get_decoder", no_decoder)
+            decoded = parse_file(path, keep_stored=True).decoded
+        assert decoded is not None
+        assert decoded.stored.dtype == expected.dtype
+        assert np.array_equal(decoded.stored, expected)

@@ -222,7 +222,7 @@ _PIXEL_VRS = {b"OB", b"OW", b"UN"}  # the VRs PixelData may have (4-byte lengths
 def _read_with_pixel_view(data: bytes):
     """The dataset in ``data`` with its PixelData element a view on ``data`` (no copy), or
     None where the full read must decide (compressed or big-endian data, a pixel element of
-    undefined or overlong length, float pixel data, a file pydicom cannot read this way).
+    undefined, odd or overlong length, float pixel data, a file pydicom cannot read this way).
 
     Reading the pixel element copies it (half a megabyte for a 512 px slice) and decoding
     copies it again: a quarter of a slice's whole parse. The header is read as usual, up to
@@ -235,6 +235,9 @@ def _read_with_pixel_view(data: bytes):
     from pydicom.dataelem import RawDataElement
     from pydicom.tag import Tag
 
+    declared = _declared_transfer_syntax(data)
+    if declared is not None and declared not in _NATIVE_LITTLE_ENDIAN:
+        return None  # compressed or big endian: one full read, not a header read first
     stream = io.BytesIO(data)
     try:
         ds = pydicom.dcmread(stream, stop_before_pixels=True)
@@ -242,30 +245,47 @@ def _read_with_pixel_view(data: bytes):
         return None
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
-    # The encoding pydicom read the header with, which it corrects when a file's elements
-    # contradict its declared syntax.
-    implicit, little = getattr(ds, "original_encoding", (None, None))
-    if syntax not in _NATIVE_LITTLE_ENDIAN or little is not True or implicit is None:
+    if syntax not in _NATIVE_LITTLE_ENDIAN:
         return None
     position = stream.tell()
     if position + 12 > len(data) or struct.unpack_from("<I", data, position)[0] != 0x00107FE0:
         return None  # not at PixelData: float pixel data, or nothing left
+    # The element's own bytes say how it is encoded: files whose elements contradict their
+    # declared syntax exist, and pydicom reads their header by what it finds. Explicit VR
+    # puts the VR and two zero bytes where implicit VR has a 4-byte length; such a length
+    # would be odd ("OB", "OW", "UN" read as little-endian numbers), which a valid element
+    # never has.
     vr: str | None = None
+    vr_bytes = data[position + 4 : position + 6]
+    implicit = not (vr_bytes in _PIXEL_VRS and data[position + 6 : position + 8] == b"\0\0")
     if implicit:
         (length,), start = struct.unpack_from("<I", data, position + 4), position + 8
     else:
-        vr_bytes = data[position + 4 : position + 6]
-        if vr_bytes not in _PIXEL_VRS:
-            return None
         (length,), start = struct.unpack_from("<I", data, position + 8), position + 12
         vr = vr_bytes.decode("ascii")
-    if length == 0xFFFFFFFF or start + length > len(data):
-        return None  # encapsulated, or truncated: the full read reports it
+    if length == 0xFFFFFFFF or length % 2 or start + length > len(data):
+        return None  # encapsulated, malformed or truncated: the full read reports it
     view = memoryview(data)[start : start + length]
     ds[_PIXEL_DATA_TAG] = RawDataElement(
-        Tag(_PIXEL_DATA_TAG), vr, length, view, start, bool(implicit), True
+        Tag(_PIXEL_DATA_TAG), vr, length, view, start, implicit, True
     )
     return ds
+
+
+def _declared_transfer_syntax(data: bytes) -> str | None:
+    """The Transfer Syntax UID of a file's meta information, read from its bytes (the meta
+    group is always explicit VR little endian), or None where it cannot be found this way."""
+    import struct
+
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    (meta_length,) = struct.unpack_from("<I", data, 140) if len(data) >= 144 else (0,)
+    meta = data[144 : 144 + meta_length]
+    at = meta.find(b"\x02\x00\x10\x00UI")
+    if at < 0 or at + 8 > len(meta):
+        return None
+    (length,) = struct.unpack_from("<H", meta, at + 6)
+    return meta[at + 8 : at + 8 + length].rstrip(b"\0 ").decode("ascii", "replace")
 
 
 # Image Pixel module elements -> pydicom decoding options (``as_pixel_options``).
@@ -315,20 +335,18 @@ def _stored_pixels(ds, values: ElementValues) -> np.ndarray:
     plain = _plain_monochrome(raw.value, options)
     if plain is not None:
         return plain
-    # A read-only view on the file's bytes where the decoder can give one: every use of the
-    # stored values makes a new array (HU, lookups), so a copy would buy nothing.
-    return get_decoder(syntax).as_array(raw.value, view_only=True, **options)[0]
+    return get_decoder(syntax).as_array(raw.value, **options)[0]
 
 
 def _plain_monochrome(buffer, options: dict[str, Any]) -> np.ndarray | None:
     """The one frame of a well-formed uncompressed little-endian greyscale slice (8 or 16 bits
-    a pixel, all of them stored), read in place; None for anything else, which pydicom's
-    decoder validates and decodes.
+    a pixel), read in place; None for anything else, which pydicom's decoder validates and
+    decodes.
 
-    For such a slice the decoder gives exactly these values: no colour conversion applies, and
-    no correction of unused high bits (with BitsStored below BitsAllocated, as in 12-bit CT,
-    the decoder masks or sign-extends them, making a new array anyway). Its option validation
-    costs as much as the rest of the pixel step.
+    For such a slice the decoder gives exactly these values: no colour conversion applies,
+    and unused high bits (BitsStored below BitsAllocated, as in 12-bit CT) are corrected the
+    way it does, shifted out and back (which makes a new array). Its option validation costs
+    as much as the rest of the pixel step.
     """
     rows, columns = options.get("rows"), options.get("columns")
     bits, stored_bits = options.get("bits_allocated"), options.get("bits_stored")
@@ -339,7 +357,8 @@ def _plain_monochrome(buffer, options: dict[str, Any]) -> np.ndarray | None:
         and str(options.get("photometric_interpretation", "")).strip()
         in ("MONOCHROME1", "MONOCHROME2")
         and bits in (8, 16)
-        and stored_bits == bits
+        and isinstance(stored_bits, int)
+        and 1 <= stored_bits <= bits
         and representation in (0, 1)
         and isinstance(rows, int)
         and isinstance(columns, int)
@@ -351,7 +370,14 @@ def _plain_monochrome(buffer, options: dict[str, Any]) -> np.ndarray | None:
     if len(buffer) < count * bits // 8:
         return None  # too short: the decoder says how
     dtype = np.dtype(("i" if representation else "u") + str(bits // 8)).newbyteorder("<")
-    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(rows, columns)
+    pixels = np.frombuffer(buffer, dtype=dtype, count=count).reshape(rows, columns)
+    unused = bits - stored_bits
+    if unused:
+        # The decoder's correction: whatever the unused high bits hold, shift them out and
+        # back (sign-extending signed values), in a new array.
+        pixels = np.left_shift(pixels, unused)
+        np.right_shift(pixels, unused, out=pixels)
+    return pixels
 
 
 def _decode_dataset(

@@ -432,8 +432,8 @@ def _stored_value_tables(
     packed = None
     if len(units) <= _LANES and sys.byteorder == "little":
         packed = np.zeros(units.shape[1], dtype=np.uint64)
-        for lane, window_units in enumerate(units):
-            packed |= window_units.astype(np.uint64) << np.uint64(_LANE_BITS * lane)
+        for lane, lane_units in enumerate(units):
+            packed |= lane_units.astype(np.uint64) << np.uint64(_LANE_BITS * lane)
     return _StoredValueTables(windowed, _quantise(windowed), units, packed, in_range(hu)[0])
 
 
