@@ -213,9 +213,8 @@ def _dcmread_full(path: Path, file_size: int | None = None):
 
 
 # Uncompressed little-endian syntaxes: the pixel bytes can go to pydicom's decoder as they are.
-_IMPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-_NATIVE_LITTLE_ENDIAN = {_IMPLICIT_LITTLE_ENDIAN, "1.2.840.10008.1.2.1"}
-_PIXEL_DATA_TAG = 0x7FE00010
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+_PIXEL_DATA = (0x7FE0, 0x0010)
 _PIXEL_VRS = {b"OB", b"OW", b"UN"}  # the VRs PixelData may have (4-byte lengths, all three)
 
 
@@ -248,7 +247,7 @@ def _read_with_pixel_view(data: bytes):
     if syntax not in _NATIVE_LITTLE_ENDIAN:
         return None
     position = stream.tell()
-    if position + 12 > len(data) or struct.unpack_from("<I", data, position)[0] != 0x00107FE0:
+    if position + 12 > len(data) or struct.unpack_from("<HH", data, position) != _PIXEL_DATA:
         return None  # not at PixelData: float pixel data, or nothing left
     # The element's own bytes say how it is encoded: files whose elements contradict their
     # declared syntax exist, and pydicom reads their header by what it finds. Explicit VR
@@ -266,9 +265,8 @@ def _read_with_pixel_view(data: bytes):
     if length == 0xFFFFFFFF or length % 2 or start + length > len(data):
         return None  # encapsulated, malformed or truncated: the full read reports it
     view = memoryview(data)[start : start + length]
-    ds[_PIXEL_DATA_TAG] = RawDataElement(
-        Tag(_PIXEL_DATA_TAG), vr, length, view, start, implicit, True
-    )
+    tag = Tag(*_PIXEL_DATA)
+    ds[tag] = RawDataElement(tag, vr, length, view, start, implicit, True)
     return ds
 
 
