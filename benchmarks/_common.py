@@ -135,6 +135,53 @@ def rounded(value: float | None, digits: int = 3) -> float | None:
     return round(float(value), digits)
 
 
+def descendants(pid: int | None = None) -> list[int]:
+    """The live processes below ``pid`` (default: this one), children first, from Linux's
+    /proc; empty elsewhere. Reader workers are grandchildren: they fork from a fork server."""
+    found: list[int] = []
+    queue = [os.getpid() if pid is None else pid]
+    while queue:
+        parent = queue.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as handle:
+                    children = [int(p) for p in handle.read().split()]
+            except OSError:
+                continue
+            found += children
+            queue += children
+    return found
+
+
+def process_tree_cpu_seconds() -> float:
+    """CPU seconds of this process and of every process it started, directly or not.
+
+    ``RUSAGE_CHILDREN`` alone counts only children that ended and were waited for: not the
+    fork server (it lives on) nor the workers it forked (it waits for them, not us). Each live
+    descendant adds its own time and that of the children it waited for, so nothing is
+    counted twice.
+    """
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + ended.ru_utime + ended.ru_stime
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in descendants():
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile: counted by whoever waited for it
+        # utime, stime, cutime, cstime: fields 14-17 of proc(5), 11-14 after the name.
+        total += sum(int(v) for v in fields[11:15]) / ticks
+    return total
+
+
 def load_average() -> list[float] | None:
     """1/5/15-minute load averages; above the core count, other processes compete for CPU."""
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,9 +29,11 @@ from typing import Any
 from _common import (
     add_common_args,
     configure_process,
+    descendants,
     emit,
     environment,
     log,
+    process_tree_cpu_seconds,
     resolve_device,
     rounded,
 )
@@ -72,7 +73,8 @@ def _status_mib(pid: int | str, field: str) -> float | None:
 
 
 class _WorkerWatch:
-    """Polls the peak resident memory (``VmHWM``) of this process's child processes."""
+    """Polls the peak resident memory (``VmHWM``) of the processes below this one (the fork
+    server and the workers it forks, or spawned workers)."""
 
     def __init__(self, interval: float = 0.2) -> None:
         import threading
@@ -82,20 +84,9 @@ class _WorkerWatch:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _children(self) -> list[int]:
-        me = os.getpid()
-        found = []
-        for task in os.listdir(f"/proc/{me}/task"):
-            try:
-                with open(f"/proc/{me}/task/{task}/children") as handle:
-                    found += [int(p) for p in handle.read().split()]
-            except OSError:
-                continue
-        return found
-
     def _run(self) -> None:
         while not self.stop.is_set():
-            for pid in self._children():
+            for pid in descendants():
                 peak = _status_mib(pid, "VmHWM")
                 if peak is not None:
                     self.peaks[pid] = max(peak, self.peaks.get(pid, 0.0))
@@ -147,12 +138,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         }
     )
     rss_start = _status_mib("self", "VmRSS")
+    tree_start = process_tree_cpu_seconds()
     cpu_start = time.process_time()
     start = time.perf_counter()
     with _WorkerWatch() as watch:
         slices = cache.build_slices(config, cache_root=Path(spec["cache"]), progress=False)
     wall = time.perf_counter() - start
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_self = time.process_time() - cpu_start
+    cpu_tree = process_tree_cpu_seconds() - tree_start
     cache_bytes = sum(p.stat().st_size for p in slices.folder.rglob("*") if p.is_file())
     image_bytes = sum(p.stat().st_size for p in slices.folder.glob("shard-*/images.u8"))
     return {
@@ -162,15 +155,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "usable": int(slices.usable().size),
         "series": int(len(set(slices.series[slices.usable()]))),
         "wall_s": wall,
-        "cpu_s_self": time.process_time() - cpu_start,
-        "cpu_s_workers": children.ru_utime + children.ru_stime,
+        "cpu_s_self": cpu_self,
+        "cpu_s_workers": cpu_tree - cpu_self,
         "stages_s": stages | {"shards": wall - sum(stages.values())},
         "peak_rss_mib": {
             "building_process_at_start": rss_start,
             "building_process": _status_mib("self", "VmHWM"),
             "largest_worker": max(watch.peaks.values(), default=None),
         },
-        "worker_processes_seen": len(watch.peaks),
+        "processes_seen_below": len(watch.peaks),
         "cache_bytes": cache_bytes,
         "image_bytes": image_bytes,
     }

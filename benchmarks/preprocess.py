@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from _common import (
     goal,
     log,
     median,
+    process_tree_cpu_seconds,
     resolve_device,
     rounded,
 )
@@ -130,13 +130,6 @@ def _write_phantoms(work: Path, args: argparse.Namespace) -> tuple[list[Path], P
 def _warm_file_cache(files: list[Path]) -> int:
     """Read every file once so all methods start from the page cache, not the disk."""
     return sum(len(path.read_bytes()) for path in files)
-
-
-def cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished worker processes."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,10 +320,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # Rotating the order spreads slow spells of a shared machine over all methods.
             order = names[round_index % len(names) :] + names[: round_index % len(names)]
             for name in order:
-                cpu_start, start = cpu_seconds(), time.perf_counter()
+                cpu_start, start = process_tree_cpu_seconds(), time.perf_counter()
                 methods[name]()
                 seconds[name].append(time.perf_counter() - start)
-                cpu[name].append(cpu_seconds() - cpu_start)
+                cpu[name].append(process_tree_cpu_seconds() - cpu_start)
             for step, value in per_file_costs(files).items():
                 file_costs.setdefault(step, []).append(value)
             log(

@@ -1,11 +1,16 @@
 """Worker processes for reading: how many, how they start, and results in input order.
 
 Reading DICOM is pure-Python parsing (pydicom) plus a little numpy, so threads do not run it in
-parallel; processes do. Workers are started with ``spawn`` (a fork after torch has started its
-thread pool can deadlock), run one OpenMP thread each (one process per core already fills the
-machine), keep the memory they free for reuse (:func:`ichseg.runtime.keep_freed_memory`:
-windowing a 512-px slice was four times slower without) and inherit the parent's logging
-level. Starting them costs about a second of CPU (imports), so the readers use them only for
+parallel; processes do. Workers never fork the calling process (a fork after torch has started
+its thread pool can deadlock): where the platform has it they are forked from a fork server, a
+clean process started once per calling process that imports the readers' modules once
+(:data:`PRELOADED`), so a pool starts in milliseconds instead of each worker importing them for
+about half a second; elsewhere they are spawned. Either way they get the caller's environment
+and ``sys.path`` as they are when the pool starts, run one OpenMP thread each (one process per
+core already fills the machine), keep the memory they free for reuse
+(:func:`ichseg.runtime.keep_freed_memory`: windowing a 512-px slice was four times slower
+without), inherit the parent's logging level and stop when the calling process dies. The
+first pool of a process still waits for those imports, so the readers use workers only for
 inputs of at least :data:`MIN_PARALLEL_FILES` files.
 
 ``ICHSEG_WORKERS`` sets the default number of workers for every reader (``1``: read in the
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -29,8 +36,23 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 MIN_PARALLEL_FILES = 1000
-"""Smallest input (files) for which the readers start worker processes: starting two spawned
-workers costs about as much CPU as reading 500-1000 headers."""
+"""Smallest input (files) for which the readers start worker processes: a process's first pool
+costs about as much CPU as reading 500-1000 headers (the fork server's imports, or each
+spawned worker's)."""
+
+PRELOADED = (
+    "numpy",
+    "pydicom",
+    "ichseg.config",
+    "ichseg.io.dicom",
+    "ichseg.io.dicom_pixels",
+    "ichseg.io.dicom_table",
+    "ichseg.preprocess.pipeline",
+    "ichseg.engine.cache_per_slice",
+)
+"""Modules the fork server imports once for all its workers: what reading and the file-by-file
+cache build use. Not torch: its thread pool must start in the worker, after the worker has set
+one OpenMP thread."""
 
 
 def default_workers() -> int:
@@ -53,8 +75,13 @@ def resolve_workers(workers: int | None) -> int:
     return default_workers() if workers is None else max(1, int(workers))
 
 
-def _init_worker(level: int, parent: int) -> None:
+def _init_worker(level: int, parent: int, environment: dict[str, str], path: list[str]) -> None:
     _stop_with_parent(parent)
+    # A fork server keeps the environment and path of the moment it started; a pool gets the
+    # caller's current ones, as a spawned worker would.
+    os.environ.clear()
+    os.environ.update(environment)
+    sys.path[:] = path
     keep_freed_memory()
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -63,31 +90,66 @@ def _init_worker(level: int, parent: int) -> None:
 
 
 def _stop_with_parent(parent: int) -> None:
-    """Have Linux end this worker when the process that started it dies, so that a killed
-    build does not leave workers decoding their current task for minutes."""
-    import signal
+    """End this worker as soon as the calling process dies, so that a killed build does not
+    leave workers decoding their current task for minutes.
 
-    try:
-        import ctypes
+    The worker watches the caller itself: a fork server lives as long as any process holds
+    its lifeline pipe, and every worker it forks holds one, so neither the server's end nor
+    a parent-death signal would follow the caller.
+    """
+    import threading
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        return
-    if os.getppid() != parent:  # the parent died before the request was made
+    if not _alive(parent):
         os._exit(1)
+
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(parent)  # Linux: readable once the process has ended
+        except (AttributeError, OSError):
+            handle = None
+        if handle is not None:
+            import select
+
+            select.select([handle], [], [])
+        else:
+            while _alive(parent):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ichseg-caller-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of ``workers`` spawned reader processes."""
+    """A pool of ``workers`` reader processes (forked from the fork server, else spawned)."""
     import multiprocessing
 
-    context = multiprocessing.get_context("spawn")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        # Only read when the server starts (once per process); later calls change nothing.
+        # The caller's main module stays preloaded, as a spawned worker would import it.
+        context.set_forkserver_preload(["__main__", *PRELOADED])
+    else:
+        context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(
         workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(logging.getLogger().getEffectiveLevel(), os.getpid()),
+        initargs=(
+            logging.getLogger().getEffectiveLevel(),
+            os.getpid(),
+            dict(os.environ),
+            list(sys.path),
+        ),
     )
 
 
@@ -106,19 +168,23 @@ def ordered_map(
     in_flight = in_flight or 4 * workers
     iterator = iter(items)
     pending: deque[tuple[T, Future]] = deque()
-    with process_pool(workers) as pool:
-        try:
-            for item in iterator:
-                pending.append((item, pool.submit(function, item)))
-                if len(pending) >= in_flight:
-                    yield pending[0][1].result()
-                    pending.popleft()
-            while pending:
+    pool = process_pool(workers)
+    try:
+        for item in iterator:
+            pending.append((item, pool.submit(function, item)))
+            if len(pending) >= in_flight:
                 yield pending[0][1].result()
                 pending.popleft()
-            return
-        except BrokenProcessPool:
-            log.warning("worker processes stopped unexpectedly; continuing in this process")
+        while pending:
+            yield pending[0][1].result()
+            pending.popleft()
+        return
+    except BrokenProcessPool:
+        log.warning("worker processes stopped unexpectedly; continuing in this process")
+    finally:
+        # Nothing is left to wait for: the workers exit in the background while the caller
+        # goes on (or, when it stopped early, after their current task).
+        pool.shutdown(wait=False, cancel_futures=True)
     for item, _ in pending:
         yield function(item)
     for item in iterator:
