@@ -4,8 +4,10 @@ A synthetic flat folder (``_flat.py``: phantom series copied with unique UIDs un
 names, so consecutive files belong to different series) is grown to each size in ``--files``;
 at each size the per-slice slice cache is built from nothing in a fresh child process, which
 reports its wall and CPU seconds, the stages (listing, shards, assembly of the series from the
-compact index), the peak resident memory of the building process and of its worker processes
-(``VmHWM``), and the cache's bytes on disk per slice. From the largest size, the time and
+compact index), the peak resident memory of the building process and of the largest process
+below it (``VmHWM``; the fork server, the workers it forks and multiprocessing's resource
+tracker, or spawned workers where there is no fork server), and the cache's bytes on disk per
+slice. From the largest size, the time and
 disk for the RSNA training set (752,803 slices) are extrapolated.
 
 Prints one JSON object. Example::
@@ -161,7 +163,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": {
             "building_process_at_start": rss_start,
             "building_process": _status_mib("self", "VmHWM"),
-            "largest_worker": max(watch.peaks.values(), default=None),
+            "largest_process_below": max(watch.peaks.values(), default=None),
         },
         "processes_seen_below": len(watch.peaks),
         "cache_bytes": cache_bytes,
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     / extra,
                     1,
                 )
-                for key in ("building_process", "largest_worker")
+                for key in ("building_process", "largest_process_below")
             }
     result = {
         "benchmark": "flat_folder",

@@ -237,8 +237,8 @@ def build_slices(
     ]
     bar = progress_bar(total=len(jobs), desc="cache", unit="shard", enabled=progress)
     if workers > 1 and len(jobs) > 1:
-        # The reader's pool: spawned (fork after torch threads can deadlock), one OpenMP thread
-        # per worker, workers stop with their parent.
+        # The readers' pool: never a fork of this process (its torch threads could deadlock
+        # the copy), one OpenMP thread per worker, workers stop with their caller.
         with process_pool(min(workers, len(jobs))) as pool:
             for future in as_completed([pool.submit(_build_shard_job, job) for job in jobs]):
                 future.result()
