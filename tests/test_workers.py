@@ -15,20 +15,72 @@ import pytest
 from ichseg.io import workers as workers_module
 
 
-def _environment_and_path(name: str) -> tuple[str | None, bool, str]:
-    return os.environ.get(name), "/ichseg-test-path" in sys.path, os.environ["OMP_NUM_THREADS"]
+def _environment(name: str) -> tuple[str | None, str]:
+    return os.environ.get(name), os.environ["OMP_NUM_THREADS"]
 
 
-def test_each_pool_gets_the_callers_current_environment_and_path(monkeypatch) -> None:
+def test_each_pool_gets_the_callers_current_environment(monkeypatch) -> None:
     # A first pool starts the fork server (where there is one) with today's environment...
     assert list(workers_module.ordered_map(abs, [-1, -2], 2)) == [1, 2]
     # ...so what the caller sets afterwards must still reach a later pool's workers.
     monkeypatch.setenv("ICHSEG_TEST_SETTING", "later")
-    monkeypatch.syspath_prepend("/ichseg-test-path")
-    results = list(
-        workers_module.ordered_map(_environment_and_path, ["ICHSEG_TEST_SETTING"] * 2, 2)
-    )
-    assert results == [("later", True, "1")] * 2
+    results = list(workers_module.ordered_map(_environment, ["ICHSEG_TEST_SETTING"] * 2, 2))
+    assert results == [("later", "1")] * 2
+
+
+def _square_unless_three_in_a_worker(value: int) -> int:
+    if value == 3 and os.environ.get("ICHSEG_TEST_PARENT") != str(os.getpid()):
+        os._exit(1)  # a worker killed mid-task
+    return value * value
+
+
+def test_a_pool_that_breaks_while_items_are_submitted_loses_none(monkeypatch) -> None:
+    # A consumer that takes its time is back in the submitting loop when the break is noticed:
+    # submit() then fails for an item already taken from the input, which must still count.
+    monkeypatch.setenv("ICHSEG_TEST_PARENT", str(os.getpid()))
+    items = list(range(20))
+    results = []
+    for value in workers_module.ordered_map(_square_unless_three_in_a_worker, items, 2):
+        results.append(value)
+        time.sleep(0.05)
+    assert results == [i * i for i in items]
+
+
+def _parent_pid(_: int) -> int:
+    return os.getppid()
+
+
+def test_workers_are_spawned_when_the_fork_server_cannot_start(monkeypatch) -> None:
+    from multiprocessing import forkserver
+
+    def cannot_start() -> None:
+        raise OSError("AF_UNIX path too long")
+
+    monkeypatch.setattr(forkserver, "ensure_running", cannot_start)
+    assert list(workers_module.ordered_map(_parent_pid, [0, 1], 2)) == [os.getpid()] * 2
+
+
+def _build_in_a_child(count: int) -> None:
+    assert list(workers_module.ordered_map(abs, range(-count, 0), 2)) == list(range(count, 0, -1))
+
+
+def test_a_process_that_maps_and_exits_at_once_does_not_hang() -> None:
+    # The caller's own pool worker, say: it exits right after the readers' pool is done.
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=_build_in_a_child, args=(8,)) for _ in range(4)]
+    for child in children:
+        child.start()
+    try:
+        deadline = time.monotonic() + 60  # each takes a few seconds
+        for child in children:
+            child.join(timeout=max(0.0, deadline - time.monotonic()))
+        assert [child.exitcode for child in children] == [0] * 4
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()
 
 
 _CHILD = """
@@ -55,7 +107,7 @@ def _running(pid: int) -> bool:
     return state != "Z"  # a zombie has ended; only its parent has not collected it
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tested where workers fork")
 def test_workers_end_when_the_calling_process_is_killed(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(_CHILD))
@@ -70,7 +122,12 @@ def test_workers_end_when_the_calling_process_is_killed(tmp_path: Path) -> None:
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.wait()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
-        time.sleep(0.1)
-    assert not [pid for pid in pids if _running(pid)], "workers outlived the killed caller"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _running(pid)], "workers outlived the killed caller"
+    finally:
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -2,16 +2,24 @@
 
 Reading DICOM is pure-Python parsing (pydicom) plus a little numpy, so threads do not run it in
 parallel; processes do. Workers never fork the calling process (a fork after torch has started
-its thread pool can deadlock): where the platform has it they are forked from a fork server, a
-clean process started once per calling process that imports the readers' modules once
-(:data:`PRELOADED`), so a pool starts in milliseconds instead of each worker importing them for
-about half a second; elsewhere they are spawned. Either way they get the caller's environment
-and ``sys.path`` as they are when the pool starts, run one OpenMP thread each (one process per
-core already fills the machine), keep the memory they free for reuse
+its thread pool can deadlock). On Linux they are forked from a fork server: a clean process,
+started once per calling process, that imports the readers' modules once (:data:`PRELOADED`),
+so a pool starts in milliseconds instead of each worker importing them for about half a
+second. Elsewhere, or where the fork server cannot start (a socket path too long under
+``TMPDIR``, a process that is itself a fork of one that started a server), they are spawned.
+
+Either way a worker gets the caller's environment as it is when the pool starts (a fork server
+keeps the one it started with), has torch, if it imports it, run one thread (one process per
+core already fills the machine), keeps the memory it frees for reuse
 (:func:`ichseg.runtime.keep_freed_memory`: windowing a 512-px slice was four times slower
-without), inherit the parent's logging level and stop when the calling process dies. The
-first pool of a process still waits for those imports, so the readers use workers only for
-inputs of at least :data:`MIN_PARALLEL_FILES` files.
+without), inherits the caller's logging level and ends when the caller dies. The first pool of
+a process still waits for the imports, so the readers use workers only for inputs of at least
+:data:`MIN_PARALLEL_FILES` files.
+
+The fork server is multiprocessing's, one per process: its preload list is a process-wide
+setting, which ichseg sets before the server starts (a server someone else started first is
+used as it is, without ichseg's preloads). A long-lived process (a notebook, the web app) keeps
+the reader code its server imported, even after the modules are reloaded.
 
 ``ICHSEG_WORKERS`` sets the default number of workers for every reader (``1``: read in the
 calling process); an explicit ``workers`` argument wins over it.
@@ -52,7 +60,7 @@ PRELOADED = (
 )
 """Modules the fork server imports once for all its workers: what reading and the file-by-file
 cache build use. Not torch: its thread pool must start in the worker, after the worker has set
-one OpenMP thread."""
+one OpenMP thread. (The caller's main module is imported by each worker, as under spawn.)"""
 
 
 def default_workers() -> int:
@@ -75,13 +83,13 @@ def resolve_workers(workers: int | None) -> int:
     return default_workers() if workers is None else max(1, int(workers))
 
 
-def _init_worker(level: int, parent: int, environment: dict[str, str], path: list[str]) -> None:
+def _init_worker(level: int, parent: int, environment: dict[str, str]) -> None:
     _stop_with_parent(parent)
-    # A fork server keeps the environment and path of the moment it started; a pool gets the
-    # caller's current ones, as a spawned worker would.
+    # A fork server keeps the environment of the moment it started; a pool gets the caller's
+    # current one, as a spawned worker would. (multiprocessing itself passes sys.path and the
+    # working directory to every worker.)
     os.environ.clear()
     os.environ.update(environment)
-    sys.path[:] = path
     keep_freed_memory()
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -95,22 +103,32 @@ def _stop_with_parent(parent: int) -> None:
 
     The worker watches the caller itself: a fork server lives as long as any process holds
     its lifeline pipe, and every worker it forks holds one, so neither the server's end nor
-    a parent-death signal would follow the caller.
+    a parent-death signal would follow the caller. On Linux a pidfd, opened before anything
+    else, says when the caller ends; other POSIX systems poll its pid once a second. Windows
+    workers are not watched (``os.kill(pid, 0)`` there would send the caller a Ctrl-C).
     """
+    if os.name != "posix":
+        return
     import threading
 
-    if not _alive(parent):
+    handle = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            handle = os.pidfd_open(parent)
+        except ProcessLookupError:
+            os._exit(1)  # died before this worker started
+        except OSError:  # a kernel without pidfds
+            handle = None
+    if handle is None and not _alive(parent):
         os._exit(1)
 
     def watch() -> None:
-        try:
-            handle = os.pidfd_open(parent)  # Linux: readable once the process has ended
-        except (AttributeError, OSError):
-            handle = None
         if handle is not None:
             import select
 
-            select.select([handle], [], [])
+            waiting = select.poll()  # select() fails for descriptors above 1023
+            waiting.register(handle, select.POLLIN)
+            waiting.poll()
         else:
             while _alive(parent):
                 time.sleep(1.0)
@@ -129,27 +147,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of ``workers`` reader processes (forked from the fork server, else spawned)."""
+def _context():
+    """The fork server's multiprocessing context on Linux (server started, preloads set), else
+    or when it cannot start, spawn's."""
     import multiprocessing
 
-    if "forkserver" in multiprocessing.get_all_start_methods():
+    if sys.platform.startswith("linux"):
+        from multiprocessing import forkserver
+
         context = multiprocessing.get_context("forkserver")
-        # Only read when the server starts (once per process); later calls change nothing.
-        # The caller's main module stays preloaded, as a spawned worker would import it.
-        context.set_forkserver_preload(["__main__", *PRELOADED])
-    else:
-        context = multiprocessing.get_context("spawn")
+        # Read when the server starts (once per process); later calls change nothing.
+        context.set_forkserver_preload(list(PRELOADED))
+        try:
+            forkserver.ensure_running()
+        except (OSError, ChildProcessError) as error:
+            log.debug("no fork server (%s); spawning the workers", error)
+        else:
+            return context
+    return multiprocessing.get_context("spawn")
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` reader processes (forked from the fork server, else spawned)."""
     return ProcessPoolExecutor(
         workers,
-        mp_context=context,
+        mp_context=_context(),
         initializer=_init_worker,
-        initargs=(
-            logging.getLogger().getEffectiveLevel(),
-            os.getpid(),
-            dict(os.environ),
-            list(sys.path),
-        ),
+        initargs=(logging.getLogger().getEffectiveLevel(), os.getpid(), dict(os.environ)),
     )
 
 
@@ -168,10 +192,13 @@ def ordered_map(
     in_flight = in_flight or 4 * workers
     iterator = iter(items)
     pending: deque[tuple[T, Future]] = deque()
+    in_hand: list[T] = []  # taken from the iterator, not yet pending (submit may fail)
     pool = process_pool(workers)
     try:
         for item in iterator:
+            in_hand.append(item)
             pending.append((item, pool.submit(function, item)))
+            in_hand.clear()
             if len(pending) >= in_flight:
                 yield pending[0][1].result()
                 pending.popleft()
@@ -182,10 +209,14 @@ def ordered_map(
     except BrokenProcessPool:
         log.warning("worker processes stopped unexpectedly; continuing in this process")
     finally:
-        # Nothing is left to wait for: the workers exit in the background while the caller
-        # goes on (or, when it stopped early, after their current task).
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Waiting costs milliseconds once every result is in. Not waiting could leave a
+        # process that exits right after (a worker of the caller's own pool) stuck at exit:
+        # multiprocessing's exit handlers close the pool's queues before its manager thread
+        # has told the workers to stop.
+        pool.shutdown(wait=True, cancel_futures=True)
     for item, _ in pending:
+        yield function(item)
+    for item in in_hand:
         yield function(item)
     for item in iterator:
         yield function(item)
