@@ -7,8 +7,8 @@ reports its wall and CPU seconds, the stages (listing, shards, assembly of the s
 compact index), the peak resident memory of the building process and of the largest process
 below it (``VmHWM``; the fork server, the workers it forks and multiprocessing's resource
 tracker, or spawned workers where there is no fork server), and the cache's bytes on disk per
-slice. From the largest size, the time and
-disk for the RSNA training set (752,803 slices) are extrapolated.
+slice. From the largest size, the time and disk for the RSNA training set (752,803 slices) are
+extrapolated.
 
 Prints one JSON object. Example::
 

@@ -50,6 +50,17 @@ def _parent_pid(_: int) -> int:
     return os.getppid()
 
 
+def _parent_and_preloaded(_: int) -> tuple[int, bool]:
+    # Nothing this test module imports loads pydicom: only the fork server's preload does.
+    return os.getppid(), "pydicom" in sys.modules
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux's")
+def test_workers_fork_from_a_server_that_imported_the_readers() -> None:
+    results = list(workers_module.ordered_map(_parent_and_preloaded, [0, 1], 2))
+    assert all(parent != os.getpid() and preloaded for parent, preloaded in results)
+
+
 def test_workers_are_spawned_when_the_fork_server_cannot_start(monkeypatch) -> None:
     from multiprocessing import forkserver
 
