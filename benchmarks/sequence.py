@@ -18,7 +18,7 @@ Example::
 
     python benchmarks/sequence.py --out /tmp/seqbench --phantom-seed 2024 --seeds 3
 
-(bf16 autocast falls back to fp32 where it does not pay, CPUs without AMX included, so no
+(bf16 autocast falls back to fp32 where it does not pay, most CPUs without AMX included, so no
 ``train.amp`` override is needed there.)
 """
 

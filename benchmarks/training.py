@@ -11,8 +11,9 @@ On a phantom run config (cached uint8 slices), each round times, one after the o
   clipping, LR scheduler, ``float(loss)`` each step), still on in-memory data, so that
   trainer vs this is the data pipeline's cost and this vs bare the step extras';
 * ``bare_channels_last``: the bare loop with NHWC weights and images, a candidate change;
-* ``bare_bf16_forced``: only on a CPU with bf16 instructions where ichseg trains in fp32 (AVX-512
-  BF16 without AMX): the bare loop under bf16 autocast regardless, the evidence for that rule;
+* ``bare_bf16_forced``: only on a CPU with bf16 instructions where ichseg trains in fp32 (Intel
+  with AVX-512 BF16 but no AMX): the bare loop under bf16 autocast regardless, the evidence for
+  that rule;
 * ``loader``: the trainer's own DataLoader (memmap cache, albumentations) iterated alone.
 
 The first epoch of each is a warm-up and is left out. Figures are medians over rounds; the

@@ -1,12 +1,13 @@
 """Batched probabilities from a classifier: the one forward path of evaluation, prediction and
 the bundle, and the form a classifier takes for inference (:func:`prepare_for_inference`).
 
-bf16 autocast covers the backbone where it is faster than fp32 (CUDA with bf16, CPUs with AMX:
-1.3-2x faster there, no loss scaling needed unlike fp16); the classifier head runs in fp32 (see
-``ClassifierModel.forward``), so logits are fp32. Elsewhere the model runs in fp32: on a CPU
-without bf16 instructions autocast emulates bf16 (measured 5x slower than fp32 for SE-ResNet50
-on an AVX2-only AMD EPYC), and with AVX-512 BF16 but no AMX it was still slower than fp32 for
-training and for inference in ``predict``'s batches (:func:`bf16_autocast_pays`).
+bf16 autocast covers the backbone where it is faster than fp32 (CUDA with bf16, CPUs with AMX,
+AMD CPUs with AVX-512 BF16: 1.2-2x faster there, no loss scaling needed unlike fp16); the
+classifier head runs in fp32 (see ``ClassifierModel.forward``), so logits are fp32. Elsewhere the
+model runs in fp32: on a CPU without bf16 instructions autocast emulates bf16 (measured 5x slower
+than fp32 for SE-ResNet50 on an AVX2-only AMD EPYC), and on an Intel CPU with AVX-512 BF16 but no
+AMX it was still slower than fp32 for training and for inference in ``predict``'s batches
+(:func:`bf16_autocast_pays`).
 
 Test-time augmentation (:class:`TestTimeAugmentation`) lives here too, so evaluation and
 prediction average the same views the same way: probabilities for a classifier
@@ -174,8 +175,8 @@ def autocast(device: Any, enabled: bool):
 
     Elsewhere ``enabled`` is ignored and the model runs in fp32 (logged once per process): a CPU
     with AVX2 only emulates bf16 (a ResNet-50 training step 9x and a U-Net epoch 10x slower
-    than fp32 on a 2-core AMD EPYC), and one with AVX-512 BF16 but no AMX trained ResNet-18,
-    ResNet-50, SE-ResNet50 and VGG16 at 0.7-0.97x their fp32 speed, never faster.
+    than fp32 on a 2-core AMD EPYC), and an Intel one with AVX-512 BF16 but no AMX trained
+    ResNet-18, ResNet-50, SE-ResNet50 and VGG16 at 0.7-0.97x their fp32 speed, never faster.
     """
     import torch
 
@@ -192,7 +193,9 @@ def _device_type(device: Any) -> str:
 
 @functools.cache
 def _note_fp32_fallback(device_type: str) -> None:
-    why = "no AMX" if device_type == "cpu" else "no native bf16"
+    why = (
+        "neither AMX nor an AMD CPU with AVX-512 BF16" if device_type == "cpu" else "no native bf16"
+    )
     logging.getLogger(__name__).info(
         "bf16 autocast does not pay on this %s (%s): running in fp32", device_type, why
     )
@@ -200,13 +203,19 @@ def _note_fp32_fallback(device_type: str) -> None:
 
 def bf16_autocast_pays(device: Any) -> bool:
     """Whether bf16 autocast is faster than fp32 on ``device``: CUDA devices that support bf16,
-    CPUs with AMX tiles.
+    CPUs with AMX tiles, and AMD CPUs with AVX-512 BF16 (Zen 4 and later).
 
-    On a 2-core CPU with AVX-512 BF16 but no AMX (``benchmarks/README.md``), the bf16 matmul
-    peak was half the fp32 one, bf16 autocast trained ResNet-18, ResNet-50, SE-ResNet50 and
-    VGG16 at 0.7-0.97x their fp32 speed, and SE-ResNet50 inference ran 0.78x as fast in batches
-    of 8 (``predict``'s CPU default) and 1.05x in batches of 32, so such CPUs run in fp32
-    (:func:`bf16_is_native` still says they have the instructions).
+    The rule follows what was measured on 2 cores (``benchmarks/README.md``), decided by the
+    CPU's instructions and maker rather than by a timing probe, so that one machine always
+    trains in the same precision and reruns give the same numbers:
+
+    - Intel with AVX-512 BF16 but no AMX: the bf16 matmul peak was half the fp32 one, bf16
+      autocast trained ResNet-18, ResNet-50, SE-ResNet50 and VGG16 at 0.7-0.97x their fp32
+      speed, and SE-ResNet50 inference ran 0.78x as fast in batches of 8 (``predict``'s CPU
+      default): fp32 (:func:`bf16_is_native` still says it has the instructions).
+    - AMD EPYC (Zen 5) with AVX-512 BF16: the bf16 matmul peak was 3.7x the fp32 one,
+      SE-ResNet50 inference in batches of 8 ran 1.54x as fast, and training at 64 px 1.2-1.3x
+      (VGG16, ResNet-50, SE-ResNet50): bf16.
     """
     return _bf16_autocast_pays(_device_type(device))
 
@@ -221,7 +230,34 @@ def _bf16_autocast_pays(device_type: str) -> bool:
         return False
     cpu = getattr(torch, "cpu", None)
     # Older torch without the instruction queries: fp32, the choice that is never emulated.
-    return bool(hasattr(cpu, "_is_amx_tile_supported") and cpu._is_amx_tile_supported())
+    if not hasattr(cpu, "_is_amx_tile_supported"):
+        return False
+    if cpu._is_amx_tile_supported():
+        return True
+    return _bf16_is_native("cpu") and cpu_vendor() == "AuthenticAMD"
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU maker's id string (``GenuineIntel``, ``AuthenticAMD``), or ``""`` when unknown."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            return vendor_from_cpuinfo(cpuinfo.read(65536))
+    except OSError:  # not Linux
+        pass
+    # Windows names the maker in the processor string; macOS has no AVX-512 BF16 to decide on.
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in platform.processor()), "")
+
+
+def vendor_from_cpuinfo(text: str) -> str:
+    """The first ``vendor_id`` in the text of ``/proc/cpuinfo``, or ``""``."""
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "vendor_id":
+            return value.strip()
+    return ""
 
 
 def bf16_is_native(device: Any) -> bool:
