@@ -95,13 +95,37 @@ def test_vendor_is_read_from_cpuinfo(text: str, vendor: str) -> None:
     assert predict.vendor_from_cpuinfo(text) == vendor
 
 
-def test_cpu_vendor_names_this_machine_maker() -> None:
-    vendor = predict.cpu_vendor()
-    assert isinstance(vendor, str)
+def test_cpu_vendor_is_the_first_vendor_id_here() -> None:
+    predict.cpu_vendor.cache_clear()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            text = cpuinfo.read()
+            expected = predict.vendor_from_cpuinfo(cpuinfo.read(65536))
     except OSError:
         pytest.skip("no /proc/cpuinfo")
-    if "vendor_id" in text:
-        assert vendor in text and vendor
+    assert predict.cpu_vendor() == expected
+
+
+@pytest.mark.parametrize(
+    ("processor", "vendor"),
+    [
+        ("AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD", "AuthenticAMD"),
+        ("Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", "GenuineIntel"),
+        ("x86_64", ""),
+        ("", ""),
+    ],
+)
+def test_cpu_vendor_without_proc_reads_the_processor_string(
+    monkeypatch, processor: str, vendor: str
+) -> None:
+    import platform
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr(predict, "open", no_proc, raising=False)
+    monkeypatch.setattr(platform, "processor", lambda: processor)
+    predict.cpu_vendor.cache_clear()
+    try:
+        assert predict.cpu_vendor() == vendor
+    finally:
+        predict.cpu_vendor.cache_clear()

@@ -186,6 +186,24 @@ def test_best_checkpoint_loads_with_weights_only(tmp_path: Path):
     assert result.test_metrics is not None and "auroc_any" in result.test_metrics
 
 
+@pytest.mark.parametrize("bf16_pays", [True, False])
+def test_history_and_metrics_record_the_precision_that_ran(
+    tmp_path: Path, monkeypatch, bf16_pays: bool
+):
+    """The same checkpoint scores slightly differently in bf16 and fp32: each run says which."""
+    from ichseg.config import load_config
+    from ichseg.engine import predict
+    from ichseg.engine.train import train
+
+    monkeypatch.setattr(predict, "_bf16_autocast_pays", lambda device_type: bf16_pays)
+    config = load_config(_write_config(tmp_path, train__epochs=1))
+    result = train(config, tmp_path / "run", progress=False)
+    expected = "bf16" if bf16_pays else "fp32"
+    assert [row["precision"] for row in result.history] == [expected]
+    metrics = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["precision"] == expected
+
+
 def test_progress_output_never_changes_the_batch_order(monkeypatch):
     """Where progress goes (terminal, log, nowhere) must not draw from the shuffle stream."""
     from torch.utils.data import DataLoader

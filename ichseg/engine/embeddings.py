@@ -123,11 +123,11 @@ def embed_slices(
     from torch.utils.data import DataLoader
 
     from ichseg.engine.dataset import SliceDataset
-    from ichseg.engine.predict import bf16_autocast_pays, predict_features
+    from ichseg.engine.predict import precision_used, predict_features
 
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = "bf16" if amp and bf16_autocast_pays(device) else "fp32"
+    precision = precision_used(device, amp)
     key = embeddings_key(slices, backbone_sha1, rows, tta, precision)
     folder = Path(slices.folder).parent / f"embeddings-{key}"
     if (folder / "done.json").is_file():

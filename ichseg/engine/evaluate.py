@@ -41,7 +41,7 @@ from ichseg.engine.checkpoint import (
     save_thresholds,
     serving_dir,
 )
-from ichseg.engine.predict import ForwardTimer, TestTimeAugmentation
+from ichseg.engine.predict import ForwardTimer, TestTimeAugmentation, precision_used
 from ichseg.engine.splits import load_splits
 from ichseg.errors import InputError
 from ichseg.fileio import atomic_path
@@ -89,7 +89,7 @@ def predict_rows(
     from ichseg.engine.dataset import SliceDataset
     from ichseg.engine.predict import predict_probabilities
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _inference_device()
     model.to(device, memory_format=torch.channels_last)
     dummy = np.zeros(len(slices), dtype=np.float32)
     loader = DataLoader(SliceDataset(slices, rows, dummy), batch_size=64)
@@ -113,6 +113,12 @@ class ClassifierScorer:
         timer: ForwardTimer | None = None,
     ) -> np.ndarray:
         return predict_rows(self.model, slices, rows, self.config, tta, timer)
+
+
+def _inference_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_scorer(run_dir: str | Path):
@@ -234,6 +240,7 @@ def evaluate_run(
     evidence = _evidence(config, slices, truth, raw, prob, series, slices.groups[idx])
     metrics["calibration"] = calibration_summary(calibration, evidence, config.eval.n_boot, split)
     metrics["tta"] = _tta_record(tta, timer, seconds)
+    metrics["precision"] = precision_used(_inference_device(), config.train.amp)
     out = run_dir / EVAL_DIR / eval_folder(split, tta)
     sections = []
     if config.eval.subgroups:

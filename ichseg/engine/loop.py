@@ -229,7 +229,7 @@ def fit(
     """
     import torch
 
-    from ichseg.engine.predict import autocast
+    from ichseg.engine.predict import autocast, precision_used
     from ichseg.progress import progress as progress_bar
 
     info = info or DistInfo()
@@ -304,6 +304,7 @@ def fit(
             **figures,
             "lr": used_lr if seen else optimizer.param_groups[0]["lr"],
             "images_per_s": seen / max(train_seconds, 1e-9),
+            "precision": precision_used(device, settings.amp),
         }
         history.append(row)
         value = float(figures[settings.monitor]) if settings.monitor else float(epoch)

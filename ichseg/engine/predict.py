@@ -201,9 +201,16 @@ def _note_fp32_fallback(device_type: str) -> None:
     )
 
 
+def precision_used(device: Any, amp: bool) -> str:
+    """``"bf16"`` or ``"fp32"``: what :func:`autocast` runs a model in on ``device``, recorded
+    beside training histories, evaluation metrics and cached embeddings, since the same
+    checkpoint gives slightly different probabilities in the two."""
+    return "bf16" if amp and bf16_autocast_pays(device) else "fp32"
+
+
 def bf16_autocast_pays(device: Any) -> bool:
     """Whether bf16 autocast is faster than fp32 on ``device``: CUDA devices that support bf16,
-    CPUs with AMX tiles, and AMD CPUs with AVX-512 BF16 (Zen 4 and later).
+    CPUs with AMX tiles, and AMD CPUs with AVX-512 BF16 (Zen 4 and later; measured on Zen 5).
 
     The rule follows what was measured on 2 cores (``benchmarks/README.md``), decided by the
     CPU's instructions and maker rather than by a timing probe, so that one machine always
@@ -213,9 +220,10 @@ def bf16_autocast_pays(device: Any) -> bool:
       autocast trained ResNet-18, ResNet-50, SE-ResNet50 and VGG16 at 0.7-0.97x their fp32
       speed, and SE-ResNet50 inference ran 0.78x as fast in batches of 8 (``predict``'s CPU
       default): fp32 (:func:`bf16_is_native` still says it has the instructions).
-    - AMD EPYC (Zen 5) with AVX-512 BF16: the bf16 matmul peak was 3.7x the fp32 one,
-      SE-ResNet50 inference in batches of 8 ran 1.54x as fast, and training at 64 px 1.2-1.3x
-      (VGG16, ResNet-50, SE-ResNet50): bf16.
+    - AMD EPYC (Zen 5) with AVX-512 BF16: the bf16 matmul peak was 3.7-4.1x the fp32 one,
+      SE-ResNet50 inference in batches of 8 ran 1.54-1.67x as fast, the U-Net's 1.25-1.66x in
+      batches of 8 and 32, and classifier training at 64 px 1.2-1.3x (VGG16, ResNet-50,
+      SE-ResNet50): bf16. Zen 4, whose AVX-512 units are half as wide, was not measured.
     """
     return _bf16_autocast_pays(_device_type(device))
 
