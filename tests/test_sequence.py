@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from ichseg.cli import app
 from ichseg.config import load_config
+from ichseg.engine.predict import precision_used
 from ichseg.errors import ConfigError, InputError
 
 runner = CliRunner()
@@ -86,9 +87,14 @@ def test_sequence_run_layout_and_metrics(sequence_run: Path, trained_run: Path) 
     assert state["config"]["num_features"] == 512  # resnet18 pooled features
     record = json.loads((sequence_run / "backbone.json").read_text())
     assert record["trained_here"] is False and record["sha1"] == state["config"]["backbone_sha1"]
+    # The head trains in fp32 on embeddings the backbone computed as the machine's rule says.
+    backbone_precision = precision_used(torch.device("cpu"), True)
+    assert record["embeddings_precision"] == backbone_precision
     history = [json.loads(x) for x in (sequence_run / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2 and all(np.isfinite(h["val_loss"]) for h in history)
+    assert {h["compute_precision"] for h in history} == {"fp32"}
     metrics = json.loads((sequence_run / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["compute_precision"] == backbone_precision
     assert {"auroc_any", "weighted_log_loss", "series_auroc_any"} <= set(metrics)
     assert metrics["calibration"]["method"] == "temperature"
     assert (sequence_run / "eval" / "test" / "reliability.png").stat().st_size > 0

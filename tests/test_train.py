@@ -199,9 +199,9 @@ def test_history_and_metrics_record_the_precision_that_ran(
     config = load_config(_write_config(tmp_path, train__epochs=1))
     result = train(config, tmp_path / "run", progress=False)
     expected = "bf16" if bf16_pays else "fp32"
-    assert [row["precision"] for row in result.history] == [expected]
+    assert [row["compute_precision"] for row in result.history] == [expected]
     metrics = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())
-    assert metrics["precision"] == expected
+    assert metrics["compute_precision"] == expected
 
 
 def test_progress_output_never_changes_the_batch_order(monkeypatch):

@@ -48,12 +48,14 @@ class EmbeddingTable:
         values: ``(n, F)`` embeddings (float16 or float32; read-only memory map when cached).
         folder: the cache folder they were read from or written to.
         computed: True when this call computed them (False: read from the cache).
+        precision: what the backbone ran in, ``"bf16"`` or ``"fp32"`` (part of the cache key).
     """
 
     rows: np.ndarray
     values: np.ndarray
     folder: Path
     computed: bool = False
+    precision: str = "fp32"
 
     @property
     def num_features(self) -> int:
@@ -132,7 +134,10 @@ def embed_slices(
     folder = Path(slices.folder).parent / f"embeddings-{key}"
     if (folder / "done.json").is_file():
         return EmbeddingTable(
-            np.load(folder / "rows.npy"), np.load(folder / "embeddings.npy", mmap_mode="r"), folder
+            np.load(folder / "rows.npy"),
+            np.load(folder / "embeddings.npy", mmap_mode="r"),
+            folder,
+            precision=precision,
         )
     model.to(device, memory_format=torch.channels_last)
     dummy = np.zeros(len(slices), dtype=np.float32)
@@ -144,7 +149,7 @@ def embed_slices(
     if not np.array_equal(stored.astype(np.float32), values):
         stored = values  # float16 only where it is exact, so cached and live embeddings agree
     _publish(folder, rows, stored, slices, backbone_sha1, tta, precision)
-    return EmbeddingTable(rows, stored, folder, computed=True)
+    return EmbeddingTable(rows, stored, folder, computed=True, precision=precision)
 
 
 def _publish(

@@ -240,7 +240,8 @@ def evaluate_run(
     evidence = _evidence(config, slices, truth, raw, prob, series, slices.groups[idx])
     metrics["calibration"] = calibration_summary(calibration, evidence, config.eval.n_boot, split)
     metrics["tta"] = _tta_record(tta, timer, seconds)
-    metrics["precision"] = precision_used(_inference_device(), config.train.amp)
+    # The classifier's (a sequence run's backbone's); "precision" alone is the PPV here.
+    metrics["compute_precision"] = precision_used(_inference_device(), config.train.amp)
     out = run_dir / EVAL_DIR / eval_folder(split, tta)
     sections = []
     if config.eval.subgroups:

@@ -138,7 +138,7 @@ class TrainTask(Protocol):
 class FitResult:
     run_dir: Path
     best_checkpoint: Path
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     model: Any = None  # the model as trained (last epoch), on its device
 
 
@@ -248,7 +248,7 @@ def fit(
     optimizer = build_optimizer(settings, model)
     steps_per_epoch = max(1, task.num_batches())
     scheduler = build_scheduler(settings, optimizer, steps_per_epoch)
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     best = math.inf if settings.mode == "min" else -math.inf
     bad_epochs, start_epoch, stopped = 0, 0, False
     last_path, best_path = run_dir / LAST, run_dir / BEST
@@ -304,7 +304,7 @@ def fit(
             **figures,
             "lr": used_lr if seen else optimizer.param_groups[0]["lr"],
             "images_per_s": seen / max(train_seconds, 1e-9),
-            "precision": precision_used(device, settings.amp),
+            "compute_precision": precision_used(device, settings.amp),
         }
         history.append(row)
         value = float(figures[settings.monitor]) if settings.monitor else float(epoch)
@@ -365,7 +365,7 @@ def _average_buffers(model: Any, info: DistInfo) -> None:
             buffer.div_(info.world_size)
 
 
-def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
+def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     if not history:
         return
     columns = list(dict.fromkeys(key for row in history for key in row))
@@ -373,7 +373,7 @@ def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     write_text(run_dir / HISTORY_JSONL, "".join(json.dumps(row) + "\n" for row in history))
 
 
-def plot_curves(history: list[dict[str, float]], path: Path, monitor: str) -> Path:
+def plot_curves(history: list[dict[str, Any]], path: Path, monitor: str) -> Path:
     """Loss and the monitored validation value per epoch as one PNG."""
     epochs = [row["epoch"] for row in history]
     fig = new_figure(figsize=(9, 3.5))

@@ -44,7 +44,7 @@ PREPROCESSING_FILE = "preprocessing.json"
 class TrainResult:
     run_dir: Path
     best_checkpoint: Path
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     test_metrics: dict[str, Any] | None = None
 
 
@@ -418,6 +418,7 @@ def train_sequence(
             "sha1": digest,
             "num_features": table.num_features,
             "embeddings": str(table.folder),
+            "embeddings_precision": table.precision,
         },
     )
     task = SequenceTask(config, slices, splits, table, digest)
