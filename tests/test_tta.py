@@ -99,7 +99,12 @@ def test_predict_with_tta_on_dicom_and_nifti(
         assert "no thresholds/calibration fitted with TTA flip" in result.output
         info = json.loads((tta / "predict_info.json").read_text())
         assert info["tta"]["views"] == 2 and info["timing"]["forward_tta_added_s"] > 0
-        assert json.loads((plain / "predict_info.json").read_text())["tta"]["name"] == "none"
+        plain_info = json.loads((plain / "predict_info.json").read_text())
+        assert plain_info["tta"]["name"] == "none"
+        # What served the probabilities is on record, as for the run's own evaluation.
+        evaluated = json.loads((trained_run / "eval" / "test" / "metrics.json").read_text())
+        served = {m["compute_precision"] for m in plain_info["models"] + info["models"]}
+        assert served == {evaluated["compute_precision"]}
         rows_plain = _read_csv(plain / "predictions.csv")
         rows_tta = _read_csv(tta / "predictions.csv")
         assert len(rows_plain) == len(rows_tta) == 16

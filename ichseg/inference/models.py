@@ -223,6 +223,8 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         """How this model is served, for ``predict_info.json``."""
+        from ichseg.engine.predict import precision_used
+
         return {
             "path": self.source,
             "kind": "sequence" if self.head is not None else "classifier",
@@ -231,6 +233,8 @@ class Predictor:
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "thresholds": finite_or_none(self.thresholds.to_dict()),
             "notes": list(self.notes),
+            # The classifier's (a sequence model's backbone's); its evaluation records its own.
+            "compute_precision": precision_used(self.device, self.config.train.amp),
         }
 
 
