@@ -82,6 +82,19 @@ def test_predict_dicom_folder(trained_run: Path, phantom_dir: Path, tmp_path: Pa
     assert "2 series, 16 slices" in result.output
 
 
+@pytest.mark.parametrize("bf16_pays", [True, False])
+def test_served_model_records_the_precision_it_runs_in(
+    trained_run: Path, monkeypatch, bf16_pays: bool
+) -> None:
+    from ichseg.engine import predict
+    from ichseg.inference.models import load_predictor
+
+    monkeypatch.setattr(predict, "_bf16_autocast_pays", lambda device_type: bf16_pays)
+    predictor = load_predictor(trained_run, device="cpu")
+    assert predictor.config.train.amp  # the run asked for autocast; the machine decides
+    assert predictor.describe()["compute_precision"] == ("bf16" if bf16_pays else "fp32")
+
+
 def test_predict_nifti_folder(trained_run: Path, phantom_dir: Path, tmp_path: Path) -> None:
     # Only the CT volumes: the phantom's label maps are refused as masks (tested below).
     source = tmp_path / "nifti"

@@ -125,10 +125,10 @@ def embed_slices(
     from torch.utils.data import DataLoader
 
     from ichseg.engine.dataset import SliceDataset
-    from ichseg.engine.predict import precision_used, predict_features
+    from ichseg.engine.predict import default_device, precision_used, predict_features
 
     rows = np.unique(np.asarray(rows, dtype=np.int64))
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     precision = precision_used(device, amp)
     key = embeddings_key(slices, backbone_sha1, rows, tta, precision)
     folder = Path(slices.folder).parent / f"embeddings-{key}"

@@ -41,7 +41,12 @@ from ichseg.engine.checkpoint import (
     save_thresholds,
     serving_dir,
 )
-from ichseg.engine.predict import ForwardTimer, TestTimeAugmentation, precision_used
+from ichseg.engine.predict import (
+    ForwardTimer,
+    TestTimeAugmentation,
+    default_device,
+    precision_used,
+)
 from ichseg.engine.splits import load_splits
 from ichseg.errors import InputError
 from ichseg.fileio import atomic_path
@@ -89,7 +94,7 @@ def predict_rows(
     from ichseg.engine.dataset import SliceDataset
     from ichseg.engine.predict import predict_probabilities
 
-    device = _inference_device()
+    device = default_device()
     model.to(device, memory_format=torch.channels_last)
     dummy = np.zeros(len(slices), dtype=np.float32)
     loader = DataLoader(SliceDataset(slices, rows, dummy), batch_size=64)
@@ -113,12 +118,6 @@ class ClassifierScorer:
         timer: ForwardTimer | None = None,
     ) -> np.ndarray:
         return predict_rows(self.model, slices, rows, self.config, tta, timer)
-
-
-def _inference_device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_scorer(run_dir: str | Path):
@@ -241,7 +240,7 @@ def evaluate_run(
     metrics["calibration"] = calibration_summary(calibration, evidence, config.eval.n_boot, split)
     metrics["tta"] = _tta_record(tta, timer, seconds)
     # The classifier's (a sequence run's backbone's); "precision" alone is the PPV here.
-    metrics["compute_precision"] = precision_used(_inference_device(), config.train.amp)
+    metrics["compute_precision"] = precision_used(default_device(), config.train.amp)
     out = run_dir / EVAL_DIR / eval_folder(split, tta)
     sections = []
     if config.eval.subgroups:

@@ -210,7 +210,7 @@ def lr_find(
     from ichseg.engine.cache import build_slices
     from ichseg.engine.distributed import DistInfo
     from ichseg.engine.loop import build_optimizer, seed_everything
-    from ichseg.engine.predict import autocast
+    from ichseg.engine.predict import autocast, default_device
     from ichseg.engine.train import ClassifierTask, make_splits, settings_of
     from ichseg.preprocess.pipeline import Preprocessor
     from ichseg.progress import progress as progress_bar
@@ -224,7 +224,7 @@ def lr_find(
     task = ClassifierTask(config, slices, splits, DistInfo())
     if task.num_batches() == 0:
         raise InputError(None, "the training split holds no batch")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     settings = settings_of(config)
     model = task.build_model().to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(replace(settings, lr=float(lrs[0])), model)

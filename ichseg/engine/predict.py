@@ -201,6 +201,15 @@ def _note_fp32_fallback(device_type: str) -> None:
     )
 
 
+def default_device(device: Any = None) -> Any:
+    """``device`` as a torch device; by default CUDA when available, else the CPU."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def precision_used(device: Any, amp: bool) -> str:
     """``"bf16"`` or ``"fp32"``: what :func:`autocast` runs a model in on ``device``, recorded
     beside training histories, evaluation metrics and cached embeddings, since the same

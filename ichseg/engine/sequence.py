@@ -36,7 +36,7 @@ from ichseg.engine.checkpoint import (
 from ichseg.engine.embeddings import EmbeddingTable, embed_slices
 from ichseg.engine.loop import LoopSettings, config_differences, epoch_seed
 from ichseg.engine.losses import TaskLoss
-from ichseg.engine.predict import ForwardTimer, TestTimeAugmentation
+from ichseg.engine.predict import ForwardTimer, TestTimeAugmentation, default_device
 from ichseg.errors import InputError
 
 SEQUENCE_KIND = "sequence"
@@ -308,9 +308,8 @@ class SequenceScorer:
         Without TTA the embeddings of every usable row are read from (or added to) the cache
         training made; with TTA only ``rows`` are embedded (a separate cache entry).
         """
-        import torch
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device()
         table = embed_slices(
             self.backbone,
             slices,

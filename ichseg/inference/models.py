@@ -28,7 +28,12 @@ from ichseg.engine.checkpoint import (
     load_thresholds,
     serving_dir,
 )
-from ichseg.engine.predict import ForwardTimer, TestTimeAugmentation
+from ichseg.engine.predict import (
+    ForwardTimer,
+    TestTimeAugmentation,
+    default_device,
+    precision_used,
+)
 from ichseg.errors import InputError
 from ichseg.volume import CTVolume
 
@@ -223,8 +228,6 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         """How this model is served, for ``predict_info.json``."""
-        from ichseg.engine.predict import precision_used
-
         return {
             "path": self.source,
             "kind": "sequence" if self.head is not None else "classifier",
@@ -261,7 +264,6 @@ def load_predictor(
     Raises:
         InputError: a missing or damaged model, head, thresholds, calibration or segmenter.
     """
-    import torch
 
     from ichseg.engine.calibrate import serving_calibration
     from ichseg.preprocess.pipeline import Preprocessor
@@ -287,7 +289,7 @@ def load_predictor(
             folder = base
     thresholds = load_thresholds(folder / THRESHOLDS_FILE, names)
     calibration = serving_calibration(folder / CALIBRATION_FILE, thresholds, names, mode)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     chosen_segmenter = segmenter or files.segmenter
     if config.masking.enabled and config.masking.method == "unet" and chosen_segmenter is None:
         raise InputError(

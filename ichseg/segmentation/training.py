@@ -16,6 +16,7 @@ import numpy as np
 
 from ichseg.engine.checkpoint import CONFIG_FILE, SPLITS_FILE
 from ichseg.engine.loop import LoopSettings, fit
+from ichseg.engine.predict import default_device
 from ichseg.engine.splits import load_splits, save_splits, split_by_group
 from ichseg.errors import InputError
 from ichseg.fileio import write_text
@@ -349,7 +350,7 @@ def train_segmenter(
         mode="max",
         seed=config.seed,
     )
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     torch.manual_seed(config.seed)
     result = fit(task, run_dir, settings, resume=resume, progress=progress, device=dev)
     return result.best_checkpoint
