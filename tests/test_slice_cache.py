@@ -94,20 +94,68 @@ def test_file_by_file_cache_equals_the_series_cache(flat_data, tmp_path: Path, c
     assert skipped == {f"file:{flat / 'readme.txt'}": "not a DICOM file (no DICM preamble)"}
 
 
-def test_workers_hold_a_bounded_number_of_slices(flat_data, tmp_path: Path, monkeypatch):
+def test_slices_windowed_at_once_and_in_stacks_keep_their_rows(
+    flat_data, tmp_path: Path, monkeypatch
+):
+    """A shard whose slices go both ways (every third one waits for a stack, as 32-bit stored
+    values would) gives the same cache as the series build."""
+    from ichseg.preprocess.pipeline import Preprocessor
+
     flat, labels = flat_data
-    seen: list[int] = []
-    real = cache_per_slice._window_batch
+    calls = iter(range(10**6))
+    real = Preprocessor.stored_slice
+
+    def every_third_stacked(self, stored, rescale):
+        return None if next(calls) % 3 == 0 else real(self, stored, rescale)
+
+    reference = build_slices(
+        _config(flat, labels, tmp_path / "series"), progress=False, per_slice=False, workers=1
+    )
+    monkeypatch.setattr(cache_per_slice, "PER_SLICE_BATCH", 2)
+    monkeypatch.setattr(Preprocessor, "stored_slice", every_third_stacked)
+    mixed = build_slices(
+        _config(flat, labels, tmp_path / "mixed"),
+        progress=False,
+        per_slice=True,
+        shard_slices=11,
+        workers=1,
+    )
+    assert next(calls) > 20  # the tables were asked for every decoded slice
+    rows_mixed, rows_reference = _by_slice(mixed), _by_slice(reference)
+    assert set(rows_mixed) == set(rows_reference)
+    for key, b in rows_reference.items():
+        a = rows_mixed[key]
+        assert np.array_equal(mixed.images[a], reference.images[b])
+        assert mixed.sop_uids[a] == reference.sop_uids[b]
+        assert mixed.trainable[a] == reference.trainable[b]
+        assert np.array_equal(mixed.stack(a), reference.stack(b))
+
+
+def test_workers_hold_a_bounded_number_of_slices(flat_data, tmp_path: Path, monkeypatch):
+    """Slices that wait for a stack (here all of them: the lookup tables are switched off) come
+    in stacks of at most PER_SLICE_BATCH; with the tables, no slice waits for another."""
+    from ichseg.preprocess.pipeline import Preprocessor
+
+    flat, labels = flat_data
+    holding: list[int] = []
+    real = cache_per_slice._window_stacks
 
     def counting(pending, *args):
-        seen.append(sum(parsed.decoded is not None for parsed in pending))
+        holding.append(sum(p.decoded is not None and p.decoded.stored is not None for p in pending))
         return real(pending, *args)
 
+    monkeypatch.setattr(cache_per_slice, "_window_stacks", counting)
+    build_slices(
+        _config(flat, labels, tmp_path / "tables"), progress=False, per_slice=True, workers=1
+    )
+    assert holding and max(holding) == 0
+
+    holding.clear()
     monkeypatch.setattr(cache_per_slice, "PER_SLICE_BATCH", 5)
-    monkeypatch.setattr(cache_per_slice, "_window_batch", counting)
-    config = _config(flat, labels, tmp_path)
+    monkeypatch.setattr(Preprocessor, "stored_slice", lambda self, stored, rescale: None)
+    config = _config(flat, labels, tmp_path / "stacks")
     build_slices(config, progress=False, per_slice=True, shard_slices=100, workers=1)
-    assert max(seen) == 5 and sum(seen) == 24 and len(seen) >= 24 // 5
+    assert max(holding) == 5 and sum(holding) == 24 and len(holding) >= 24 // 5
 
 
 def test_file_by_file_builds_window_through_the_stored_value_tables(
