@@ -198,3 +198,37 @@ def test_slice_filter_applies_at_inference(trained_run: Path, tmp_path: Path, ph
     unscored = [r for r in result.slice_rows if r["scored"] == 0]
     assert scored and unscored
     assert all(r["any"] == "" for r in unscored)
+
+
+@pytest.mark.parametrize(
+    ("shape", "image_size", "masked"),
+    [((64, 64), 32, False), ((64, 64), 32, True), ((40, 36), 24, True), ((24, 24), 24, False)],
+)
+def test_a_volume_prepared_slice_by_slice_equals_it_prepared_whole(
+    monkeypatch, shape, image_size, masked
+):
+    """The preprocessor windows a volume a few slices at a time; the chunk boundaries (here
+    every slice, or every third) change nothing, masked or not, shrunk twofold or resized."""
+    from ichseg.config import DataConfig, MaskingConfig
+    from ichseg.preprocess import pipeline
+    from ichseg.volume import CTVolume
+
+    rng = np.random.default_rng(3)
+    hu = rng.normal(40, 400, size=(7, *shape)).astype(np.float32)
+    mask = (rng.random((7, *shape)) > 0.3).astype(np.uint8)
+    volume = CTVolume(hu, np.eye(4), "", "", np.arange(7, dtype=np.float64))
+    masking = MaskingConfig(enabled=True, background="min") if masked else MaskingConfig()
+    masker = (lambda _: mask) if masked else None
+    preprocessor = pipeline.Preprocessor(DataConfig(image_size=image_size), masking, masker)
+
+    def prepared(chunk_bytes: int) -> np.ndarray:
+        monkeypatch.setattr(pipeline, "_CHUNK_BYTES", chunk_bytes)
+        return preprocessor(volume).base
+
+    whole = prepared(10**12)
+    slice_bytes = 4 * 3 * shape[0] * shape[1]
+    for chunk_bytes in (1, 3 * slice_bytes):
+        assert np.array_equal(prepared(chunk_bytes), whole)
+    assert whole.shape == (7, 3, image_size, image_size) and whole.dtype == np.uint8
+    if masked:
+        assert (whole == 0).any() and (whole > 0).any()

@@ -138,6 +138,19 @@ def test_twofold_shrink_keeps_the_dtype_and_needs_even_sizes():
         halve_slices(np.zeros((5, 4), dtype=np.float32))
 
 
+def test_twofold_shrink_in_units_equals_block_sums_of_every_pixel():
+    """halve_units against the plain 2 x 2 block sums, at the largest units too."""
+    rng = np.random.default_rng(5)
+    top = 255 * HALVING_UNITS_PER_LEVEL
+    units = rng.integers(0, top + 1, size=(3, 2, 10, 14)).astype(np.uint16)
+    units[0, 0] = top
+    blocks = units.reshape(3, 2, 5, 2, 7, 2).astype(np.int64).sum(axis=(3, 5))
+    expected = ((blocks + 128) >> 8).astype(np.uint8)
+    assert np.array_equal(halve_units(units), expected)
+    assert np.array_equal(halve_units(units[1, 1]), expected[1, 1])  # one slice, no stack axis
+    assert (halve_units(units)[0, 0] == 255).all()
+
+
 def test_twofold_shrink_in_units_is_the_rounded_block_mean():
     rng = np.random.default_rng(11)
     hu = (rng.random((2, 64, 48)) * 300 - 100).astype(np.float32)

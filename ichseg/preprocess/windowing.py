@@ -215,9 +215,13 @@ def halve_units(units: np.ndarray) -> np.ndarray:
     height, width = units.shape[-2:]
     if height % 2 or width % 2:
         raise ValueError(f"halving needs even sizes, got {height} x {width}")
-    sums = units[..., 0::2, 0::2] + units[..., 0::2, 1::2]
-    sums += units[..., 1::2, 0::2]
-    sums += units[..., 1::2, 1::2]
+    units = np.asarray(units, dtype=np.uint16)
+    rows = units[..., 0::2, :] + units[..., 1::2, :]  # at most 2 x 16320
+    # Each two neighbouring columns read as one uint32: the sum of its halves is the pair's
+    # sum in either byte order. Contiguous passes: twice as fast as four strided ones.
+    pairs = rows.view(np.uint32)
+    sums = pairs & np.uint32(0xFFFF)
+    sums += pairs >> np.uint32(16)
     return block_sums_to_uint8(sums)
 
 
