@@ -441,3 +441,72 @@ def test_plain_12bit_slices_skip_the_decoder_with_its_values(
         assert decoded is not None
         assert decoded.stored.dtype == expected.dtype
         assert np.array_equal(decoded.stored, expected)
+
+
+def _elements(ds) -> dict:
+    """Every top-level element as pydicom converts it: (VR, value's repr, which makes NaN
+    equal to NaN), or the error converting it raises."""
+    out = {}
+    for tag in ds.keys():
+        try:
+            element = ds[tag]
+            out[int(tag)] = (element.VR, repr(element.value))
+        except Exception as error:  # the same failure both ways is the same outcome
+            out[int(tag)] = type(error).__name__
+    return out
+
+
+def _with_command_set(source: Path, target: Path) -> Path:
+    """A slice with a command-set element (group 0000, always implicit VR) before the data."""
+    data = bytearray(source.read_bytes())
+    (meta_length,) = np.frombuffer(bytes(data[140:144]), dtype="<u4")
+    start = 144 + int(meta_length)
+    element = bytes([0x00, 0x00, 0x00, 0x01]) + (2).to_bytes(4, "little") + b"\x01\x00"
+    target.write_bytes(bytes(data[:start]) + element + bytes(data[start:]))
+    return target
+
+
+@pytest.mark.parametrize("case", DICOM_CASES, ids=[c.name for c in DICOM_CASES])
+def test_the_short_header_read_is_what_dcmread_reads(case: Case, tmp_path: Path) -> None:
+    """Up to the pixels, every file reads as ``dcmread(stop_before_pixels=True)`` reads it:
+    the same elements with the same VRs and bytes, the same meta information and character
+    set; or the short read declines (None) and dcmread is used."""
+    import io
+    import warnings
+
+    import pydicom
+
+    from ichseg.io.dicom_pixels import _declared_transfer_syntax, _read_up_to_pixels
+
+    root = tmp_path / "input"
+    root.mkdir()
+    source = sorted(write_good(root).glob("*.dcm"))[0]
+    case.build(root)
+    extra = [
+        _mislabelled(source, tmp_path / "implicit_written.dcm", written_implicit=True),
+        _mislabelled(source, tmp_path / "explicit_written.dcm", written_implicit=False),
+        _rewritten(source, tmp_path / "implicit.dcm", "1.2.840.10008.1.2"),
+    ]
+    read = declined = 0
+    for path in [*list_files(root).files, *extra]:
+        data = path.read_bytes()
+        declared = _declared_transfer_syntax(data)
+        if declared not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                expected = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            except Exception:
+                continue  # the reader falls back to dcmread, which reports it
+            short = _read_up_to_pixels(io.BytesIO(data), declared)
+        if short is None:
+            declined += 1
+            continue
+        read += 1
+        assert _elements(short) == _elements(expected), path
+        assert short.file_meta == expected.file_meta, path
+        assert short.original_character_set == expected.original_character_set, path
+    assert read >= len(extra)
+    with_command = _with_command_set(source, tmp_path / "command.dcm")
+    assert _read_up_to_pixels(io.BytesIO(with_command.read_bytes()), "1.2.840.10008.1.2.1") is None

