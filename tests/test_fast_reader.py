@@ -493,20 +493,23 @@ def test_the_short_header_read_is_what_dcmread_reads(case: Case, tmp_path: Path)
         declared = _declared_transfer_syntax(data)
         if declared not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
             continue
+        full, part = io.BytesIO(data), io.BytesIO(data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                expected = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+                expected = pydicom.dcmread(full, stop_before_pixels=True)
             except Exception:
                 continue  # the reader falls back to dcmread, which reports it
-            short = _read_up_to_pixels(io.BytesIO(data), declared)
+            short = _read_up_to_pixels(part, declared)
         if short is None:
             declined += 1
             continue
         read += 1
+        assert part.tell() == full.tell(), path  # where the pixel element is looked for
         assert _elements(short) == _elements(expected), path
         assert short.file_meta == expected.file_meta, path
         assert short.original_character_set == expected.original_character_set, path
+        assert short.original_encoding == expected.original_encoding, path
     assert read >= len(extra)
     with_command = _with_command_set(source, tmp_path / "command.dcm")
     assert _read_up_to_pixels(io.BytesIO(with_command.read_bytes()), "1.2.840.10008.1.2.1") is None

@@ -133,22 +133,24 @@ def test_slices_windowed_at_once_and_in_stacks_keep_their_rows(
 
 def test_workers_hold_a_bounded_number_of_slices(flat_data, tmp_path: Path, monkeypatch):
     """Slices that wait for a stack (here all of them: the lookup tables are switched off) come
-    in stacks of at most PER_SLICE_BATCH; with the tables, no slice waits for another."""
+    in stacks of at most PER_SLICE_BATCH; with the tables, no file waits for another."""
     from ichseg.preprocess.pipeline import Preprocessor
 
     flat, labels = flat_data
     holding: list[int] = []
+    waiting: list[int] = []
     real = cache_per_slice._window_stacks
 
     def counting(pending, *args):
         holding.append(sum(p.decoded is not None and p.decoded.stored is not None for p in pending))
+        waiting.append(len(pending))
         return real(pending, *args)
 
     monkeypatch.setattr(cache_per_slice, "_window_stacks", counting)
     build_slices(
         _config(flat, labels, tmp_path / "tables"), progress=False, per_slice=True, workers=1
     )
-    assert holding and max(holding) == 0
+    assert waiting and max(waiting) == 0
 
     holding.clear()
     monkeypatch.setattr(cache_per_slice, "PER_SLICE_BATCH", 5)

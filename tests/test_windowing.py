@@ -149,6 +149,13 @@ def test_twofold_shrink_in_units_equals_block_sums_of_every_pixel():
     assert np.array_equal(halve_units(units), expected)
     assert np.array_equal(halve_units(units[1, 1]), expected[1, 1])  # one slice, no stack axis
     assert (halve_units(units)[0, 0] == 255).all()
+    # Any memory layout: Fortran order, windows moved in from the last axis, a crop.
+    assert np.array_equal(halve_units(np.asfortranarray(units)), expected)
+    last = np.ascontiguousarray(np.moveaxis(units, 1, -1))
+    assert np.array_equal(halve_units(np.moveaxis(last, -1, 1)), expected)
+    assert np.array_equal(halve_units(units[:, :, 2:8, 4:10]), expected[:, :, 1:4, 2:5])
+    with pytest.raises(ValueError, match="uint16"):
+        halve_units(units.astype(np.int32))
 
 
 def test_twofold_shrink_in_units_is_the_rounded_block_mean():

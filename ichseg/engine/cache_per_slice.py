@@ -38,9 +38,9 @@ PER_SLICE_BATCH = 32
 """Most decoded slices a worker holds for windowing as one stack (slices of sizes the
 stored-value tables do not cover; the others are windowed one by one as they are read)."""
 PER_SLICE_BYTES = 16 * 1024**2
-"""...and at most this many bytes of windowed float32 per batch (five 512 x 512 slices with three
-windows). Below glibc's largest mmap threshold (32 MiB), so the batch arrays reuse freed heap
-memory instead of fresh pages: on a VM where first-touching a page is slow, batches of 32
+"""...and at most this many bytes of windowed float32 per stack (five 512 x 512 slices with three
+windows). Below glibc's largest mmap threshold (32 MiB), so the stack's arrays reuse freed heap
+memory instead of fresh pages: on a VM where first-touching a page is slow, stacks of 32
 slices of 512 px made windowing several times slower."""
 
 
@@ -191,8 +191,10 @@ def _build_file_shard(
     written = 0
     try:
         with open(tmp / "images.u8", "wb") as images:
-            pending: list[Any] = []  # parsed, in file order, not yet in the table
-            rows: dict[int, int] = {}  # image rows and slice-filter flags, by id(parsed)
+            # Parsed files from the first slice that waits for a stack on, in file order, not
+            # yet in the table (the others go straight in), with their rows and flags by id.
+            pending: list[Any] = []
+            rows: dict[int, int] = {}
             keep: dict[int, bool] = {}
             stacked = stacked_bytes = 0  # slices in pending that still hold their pixels
 
@@ -207,6 +209,7 @@ def _build_file_shard(
             for raw_path in paths:
                 parsed = parse_file(Path(os.fsdecode(raw_path)), keep_stored=True)
                 decoded = parsed.decoded
+                row, kept = -1, False
                 if decoded is not None:
                     # Windowed at once, while its pixels are still in the CPU's cache:
                     # windowing a batch of 512 px slices after reading them cost ~15 % more.
@@ -217,8 +220,12 @@ def _build_file_shard(
                     else:
                         decoded.stored = None  # the table keeps no pixels
                         images.write(looked_up[0].tobytes())
-                        rows[id(parsed)], keep[id(parsed)] = written, looked_up[1]
-                        written += 1
+                        row, kept, written = written, looked_up[1], written + 1
+                if not stacked:
+                    table.append(parsed, row, kept)
+                    continue
+                if row >= 0:
+                    rows[id(parsed)], keep[id(parsed)] = row, kept
                 pending.append(parsed)
                 if stacked >= PER_SLICE_BATCH or stacked_bytes >= PER_SLICE_BYTES:
                     flush()

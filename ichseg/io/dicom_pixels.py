@@ -286,9 +286,10 @@ def _read_up_to_pixels(stream, declared: str):
     from pydicom.charset import default_encoding
     from pydicom.dataset import FileMetaDataset
     from pydicom.filereader import read_dataset
+    from pydicom.uid import ImplicitVRLittleEndian
 
     stream.seek(132)
-    meta = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=_beyond_meta)
+    meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2)
     syntax = meta.get("TransferSyntaxUID")
     position = stream.tell()
     group = stream.read(2)
@@ -297,21 +298,17 @@ def _read_up_to_pixels(stream, declared: str):
         return None
     file_meta = FileMetaDataset(meta)
     file_meta.set_original_encoding(False, True, default_encoding)
-    implicit = syntax == _IMPLICIT_LITTLE_ENDIAN
+    # The encoding dcmread records: the declared one (implicit where nothing follows the
+    # meta), whatever read_dataset found the elements to use.
+    implicit = syntax == ImplicitVRLittleEndian or not group
     ds = read_dataset(stream, implicit, True, stop_when=_at_pixel_data)
+    ds.set_original_encoding(implicit, True, ds.original_character_set)
     ds.file_meta = file_meta
     return ds
 
 
-_IMPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # where dcmread stops
-
-
-def _beyond_meta(tag, vr, length) -> bool:
-    return tag >> 16 != 2
-
-
 def _at_pixel_data(tag, vr, length) -> bool:
+    """Where ``dcmread(..., stop_before_pixels=True)`` stops: any pixel data element."""
     return tag in _PIXEL_DATA_TAGS
 
 
@@ -344,6 +341,7 @@ _PIXEL_OPTIONS = {
     "PixelRepresentation": "pixel_representation",
 }
 _OTHER_PIXEL_DATA = (0x7FE00008, 0x7FE00009, 0x7FE00001)  # float, double, extended offsets
+_PIXEL_DATA_TAGS = frozenset({0x7FE00010, *_OTHER_PIXEL_DATA[:2]})  # (no offsets: not pixels)
 
 
 def _stored_pixels(ds, values: ElementValues) -> np.ndarray:

@@ -239,9 +239,10 @@ class Preprocessor:
         inside = grown if grown is not None and self.masking.background == "min" else None
         windows = len(self.data.windows)
         images = np.empty((hu.shape[0], windows, *size), dtype=np.uint8)
-        # A few slices at a time: the float windows of a whole 512 px volume (~100 MB) leave
-        # the CPU's caches between passes; slice by slice they stay in them (2.5x faster).
-        step = max(1, _CHUNK_BYTES // (4 * windows * hu.shape[-2] * hu.shape[-1]))
+        # A few slices at a time: the windows of a whole 512 px volume (100 MB as float32)
+        # leave the CPU's caches between passes; slice by slice they stay in them (2.5x
+        # faster).
+        step = max(1, _CHUNK_BYTES // max(1, 4 * windows * hu.shape[-2] * hu.shape[-1]))
         for start in range(0, hu.shape[0], step):
             part = slice(start, start + step)
             chunk_inside = None if inside is None else inside[part]

@@ -215,8 +215,10 @@ def halve_units(units: np.ndarray) -> np.ndarray:
     height, width = units.shape[-2:]
     if height % 2 or width % 2:
         raise ValueError(f"halving needs even sizes, got {height} x {width}")
-    units = np.asarray(units, dtype=np.uint16)
-    rows = units[..., 0::2, :] + units[..., 1::2, :]  # at most 2 x 16320
+    units = np.asarray(units)
+    if units.dtype != np.uint16:
+        raise ValueError(f"halving takes window_units' uint16 units, got {units.dtype}")
+    rows = np.add(units[..., 0::2, :], units[..., 1::2, :], order="C")  # at most 2 x 16320
     # Each two neighbouring columns read as one uint32: the sum of its halves is the pair's
     # sum in either byte order. Contiguous passes: twice as fast as four strided ones.
     pairs = rows.view(np.uint32)
