@@ -107,9 +107,9 @@ def gemm_timers(size: int, dtype, device) -> dict[str, Callable[[], float]]:
     a ``size``-square ``torch.matmul`` (the BLAS library's kernel) and a 1 x 1 convolution of
     ``size / 2`` channels over ``4 * size`` channels_last pixels (the convolution library's).
 
-    The peak is the faster of the two: on an AMD EPYC (Zen 5) torch's fp32 matmul reached 168
-    GFLOP/s at every size tried while the fp32 convolution reached 321, so against the matmul
-    alone the models' fp32 throughput came out above 100 % of "peak".
+    The peak is the faster of the two: on an AMD EPYC (Zen 5) torch's fp32 matmul reached no
+    more than 168 GFLOP/s at any shape tried while the fp32 convolution reached 321-350, so
+    against the matmul alone the models' fp32 throughput came out above 100 % of "peak".
     """
     import torch
 

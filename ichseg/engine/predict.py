@@ -230,7 +230,8 @@ def bf16_autocast_pays(device: Any) -> bool:
       speed, and SE-ResNet50 inference ran 0.78x as fast in batches of 8 (``predict``'s CPU
       default): fp32 (:func:`bf16_is_native` still says it has the instructions).
     - AMD EPYC (Zen 5) with AVX-512 BF16: the bf16 matmul peak was 3.7-4.1x the fp32 one
-      (2.2x the fp32 1 x 1 convolution, which is twice as fast as the fp32 matmul there),
+      (the fp32 1 x 1 convolution is twice as fast as the fp32 matmul there; against it the
+      bf16 convolution reached 2.2x and the bf16 matmul 1.9x),
       SE-ResNet50 inference in batches of 8 ran 1.54-1.67x as fast, the U-Net's 1.24-1.55x in
       batches of 8 and 32, and classifier training at 64 px 1.2-1.3x (VGG16, ResNet-50,
       SE-ResNet50): bf16. Zen 4, whose AVX-512 units are half as wide, was not measured.
