@@ -399,15 +399,15 @@ def test_pixels_are_read_in_place_from_the_file_bytes(
 def test_declared_syntax_is_read_from_the_meta_bytes(phantom_dir: Path, tmp_path: Path) -> None:
     # Compressed files skip the header-only parse (one full read, as before the in-place
     # reader); files without a preamble or meta information give None.
-    from ichseg.io.dicom_pixels import _declared_transfer_syntax
+    from ichseg.io.dicom_pixels import declared_transfer_syntax
 
     source = sorted((phantom_dir / "dicom").glob("*/*.dcm"))[3]
     rle = _rewritten(source, tmp_path / "rle.dcm", RLE_LOSSLESS)
     implicit = _rewritten(source, tmp_path / "implicit.dcm", "1.2.840.10008.1.2")
-    assert _declared_transfer_syntax(rle.read_bytes()) == RLE_LOSSLESS
-    assert _declared_transfer_syntax(implicit.read_bytes()) == "1.2.840.10008.1.2"
-    assert _declared_transfer_syntax(source.read_bytes()[128:]) is None
-    assert _declared_transfer_syntax(b"") is None
+    assert declared_transfer_syntax(rle.read_bytes()) == RLE_LOSSLESS
+    assert declared_transfer_syntax(implicit.read_bytes()) == "1.2.840.10008.1.2"
+    assert declared_transfer_syntax(source.read_bytes()[128:]) is None
+    assert declared_transfer_syntax(b"") is None
 
 
 def test_plain_12bit_slices_skip_the_decoder_with_its_values(
@@ -476,7 +476,7 @@ def test_the_short_header_read_is_what_dcmread_reads(case: Case, tmp_path: Path)
 
     import pydicom
 
-    from ichseg.io.dicom_pixels import _declared_transfer_syntax, _read_up_to_pixels
+    from ichseg.io.dicom_pixels import declared_transfer_syntax, read_up_to_pixels
 
     root = tmp_path / "input"
     root.mkdir()
@@ -490,7 +490,7 @@ def test_the_short_header_read_is_what_dcmread_reads(case: Case, tmp_path: Path)
     read = declined = 0
     for path in [*list_files(root).files, *extra]:
         data = path.read_bytes()
-        declared = _declared_transfer_syntax(data)
+        declared = declared_transfer_syntax(data)
         if declared not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
             continue
         full, part = io.BytesIO(data), io.BytesIO(data)
@@ -500,7 +500,7 @@ def test_the_short_header_read_is_what_dcmread_reads(case: Case, tmp_path: Path)
                 expected = pydicom.dcmread(full, stop_before_pixels=True)
             except Exception:
                 continue  # the reader falls back to dcmread, which reports it
-            short = _read_up_to_pixels(part, declared)
+            short = read_up_to_pixels(part, declared)
         if short is None:
             declined += 1
             continue
@@ -512,4 +512,64 @@ def test_the_short_header_read_is_what_dcmread_reads(case: Case, tmp_path: Path)
         assert short.original_encoding == expected.original_encoding, path
     assert read >= len(extra)
     with_command = _with_command_set(source, tmp_path / "command.dcm")
-    assert _read_up_to_pixels(io.BytesIO(with_command.read_bytes()), "1.2.840.10008.1.2.1") is None
+    assert read_up_to_pixels(io.BytesIO(with_command.read_bytes()), "1.2.840.10008.1.2.1") is None
+
+
+def _with_long_header(source: Path, target: Path) -> Path:
+    """A slice whose elements before the pixels outgrow the header read's first bytes."""
+    import pydicom
+
+    from ichseg.io.dicom_header import HEADER_PREFIX_BYTES
+
+    ds = pydicom.dcmread(source)
+    ds.add_new(0x00091010, "OB", b"\1" * (HEADER_PREFIX_BYTES + 100))  # a private blob
+    ds.save_as(target)
+    return target
+
+
+def _header_outcome(path: Path, monkeypatch: pytest.MonkeyPatch, short: bool):
+    from ichseg.io import dicom_header
+
+    with monkeypatch.context() as patch:
+        if not short:
+            patch.setattr(dicom_header, "_header_from_first_bytes", lambda path: None)
+        try:
+            return read_header(path)
+        except InputError as error:  # NotAnImage included
+            return (type(error).__name__, error.reason)
+
+
+@pytest.mark.parametrize("case", DICOM_CASES, ids=[c.name for c in DICOM_CASES])
+def test_header_reads_from_the_first_bytes_are_what_dcmread_gives(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header-only read from the file's first bytes gives the header (or the reason it
+    cannot) that dcmread from the path gives, and is declined where the header is longer."""
+    from ichseg.io import dicom_header
+
+    root = tmp_path / "input"
+    root.mkdir()
+    source = sorted(write_good(root).glob("*.dcm"))[0]
+    case.build(root)
+    long_header = _with_long_header(source, tmp_path / "long.dcm")
+    extra = [
+        _mislabelled(source, tmp_path / "implicit_written.dcm", written_implicit=True),
+        _mislabelled(source, tmp_path / "explicit_written.dcm", written_implicit=False),
+        _rewritten(source, tmp_path / "implicit.dcm", "1.2.840.10008.1.2"),
+        long_header,
+    ]
+    taken = []
+    real = dicom_header._header_from_first_bytes
+
+    def counting(path):
+        out = real(path)
+        taken.append((path, out is not None))
+        return out
+
+    monkeypatch.setattr(dicom_header, "_header_from_first_bytes", counting)
+    for path in [*list_files(root).files, *extra]:
+        expected = _header_outcome(path, monkeypatch, short=False)
+        assert _header_outcome(path, monkeypatch, short=True) == expected, path
+    used = dict(taken)
+    assert used[source] and used[extra[0]] and used[extra[2]]
+    assert not used[long_header]

@@ -213,7 +213,7 @@ def _dcmread_full(path: Path, file_size: int | None = None):
 
 
 # Uncompressed little-endian syntaxes: the pixel bytes can go to pydicom's decoder as they are.
-_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _PIXEL_VRS = {b"OB", b"OW", b"UN"}  # the VRs PixelData may have (4-byte lengths, all three)
 
@@ -234,12 +234,12 @@ def _read_with_pixel_view(data: bytes):
     from pydicom.dataelem import RawDataElement
     from pydicom.tag import Tag
 
-    declared = _declared_transfer_syntax(data)
-    if declared is not None and declared not in _NATIVE_LITTLE_ENDIAN:
+    declared = declared_transfer_syntax(data)
+    if declared is not None and declared not in NATIVE_LITTLE_ENDIAN:
         return None  # compressed or big endian: one full read, not a header read first
     stream = io.BytesIO(data)
     try:
-        ds = _read_up_to_pixels(stream, declared) if declared else None
+        ds = read_up_to_pixels(stream, declared) if declared else None
         if ds is None:
             stream.seek(0)
             ds = pydicom.dcmread(stream, stop_before_pixels=True)
@@ -247,7 +247,7 @@ def _read_with_pixel_view(data: bytes):
         return None
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
-    if syntax not in _NATIVE_LITTLE_ENDIAN:
+    if syntax not in NATIVE_LITTLE_ENDIAN:
         return None
     position = stream.tell()
     if position + 12 > len(data) or struct.unpack_from("<HH", data, position) != _PIXEL_DATA:
@@ -273,9 +273,9 @@ def _read_with_pixel_view(data: bytes):
     return ds
 
 
-def _read_up_to_pixels(stream, declared: str):
+def read_up_to_pixels(stream, declared: str):
     """``dcmread(stream, stop_before_pixels=True)`` of a Part 10 file whose meta information
-    (explicit VR, as :func:`_declared_transfer_syntax` found it) declares an uncompressed
+    (explicit VR, as :func:`declared_transfer_syntax` found it) declares an uncompressed
     little-endian syntax: the meta group, then the dataset up to the pixels, each read by
     pydicom's ``read_dataset`` as ``dcmread`` reads them, without its preamble and command-set
     steps and the ``FileDataset`` around the result: about a quarter less time for a 256 px
@@ -309,10 +309,10 @@ def _read_up_to_pixels(stream, declared: str):
 
 def _at_pixel_data(tag, vr, length) -> bool:
     """Where ``dcmread(..., stop_before_pixels=True)`` stops: any pixel data element."""
-    return tag in _PIXEL_DATA_TAGS
+    return tag in PIXEL_DATA_TAGS
 
 
-def _declared_transfer_syntax(data: bytes) -> str | None:
+def declared_transfer_syntax(data: bytes) -> str | None:
     """The Transfer Syntax UID of a file's meta information, read from its bytes (the meta
     group is always explicit VR little endian), or None where it cannot be found this way."""
     import struct
@@ -341,7 +341,7 @@ _PIXEL_OPTIONS = {
     "PixelRepresentation": "pixel_representation",
 }
 _OTHER_PIXEL_DATA = (0x7FE00008, 0x7FE00009, 0x7FE00001)  # float, double, extended offsets
-_PIXEL_DATA_TAGS = frozenset({0x7FE00010, *_OTHER_PIXEL_DATA[:2]})  # (no offsets: not pixels)
+PIXEL_DATA_TAGS = frozenset({0x7FE00010, *_OTHER_PIXEL_DATA[:2]})  # (no offsets: not pixels)
 
 
 def _stored_pixels(ds, values: ElementValues) -> np.ndarray:
@@ -358,7 +358,7 @@ def _stored_pixels(ds, values: ElementValues) -> np.ndarray:
     syntax = values.transfer_syntax
     raw = ds.get_item(0x7FE00010)
     if (
-        syntax not in _NATIVE_LITTLE_ENDIAN
+        syntax not in NATIVE_LITTLE_ENDIAN
         or not isinstance(raw, RawDataElement)
         or raw.value is None
         or any(tag in ds for tag in _OTHER_PIXEL_DATA)
