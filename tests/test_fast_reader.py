@@ -399,7 +399,7 @@ def test_pixels_are_read_in_place_from_the_file_bytes(
 def test_declared_syntax_is_read_from_the_meta_bytes(phantom_dir: Path, tmp_path: Path) -> None:
     # Compressed files skip the header-only parse (one full read, as before the in-place
     # reader); files without a preamble or meta information give None.
-    from ichseg.io.dicom_pixels import declared_transfer_syntax
+    from ichseg.io.dicom_header import declared_transfer_syntax
 
     source = sorted((phantom_dir / "dicom").glob("*/*.dcm"))[3]
     rle = _rewritten(source, tmp_path / "rle.dcm", RLE_LOSSLESS)
@@ -476,7 +476,7 @@ def test_the_short_header_read_is_what_dcmread_reads(case: Case, tmp_path: Path)
 
     import pydicom
 
-    from ichseg.io.dicom_pixels import declared_transfer_syntax, read_up_to_pixels
+    from ichseg.io.dicom_header import declared_transfer_syntax, read_up_to_pixels
 
     root = tmp_path / "input"
     root.mkdir()
@@ -527,6 +527,28 @@ def _with_long_header(source: Path, target: Path) -> Path:
     return target
 
 
+def _with_open_ended_blob(source: Path, target: Path, first: bytes) -> Path:
+    """A slice with a private OB element of undefined length (ended by a sequence delimiter)
+    that runs past the header read's first bytes; its value starts with ``first``."""
+    import struct
+
+    import pydicom
+
+    from ichseg.io.dicom_header import HEADER_PREFIX_BYTES
+
+    ds = pydicom.dcmread(source)
+    ds.add_new(0x00090010, "LO", "ICHSEG TEST")
+    ds.add_new(0x00091001, "OB", b"\xaa\xbb\xcc\xdd")
+    ds.save_as(target)
+    data = target.read_bytes()
+    element = struct.pack("<HH2sHI", 0x0009, 0x1001, b"OB", 0, 4) + b"\xaa\xbb\xcc\xdd"
+    at = data.index(element)
+    value = first + b"\x11" * (HEADER_PREFIX_BYTES + 100) + b"\xfe\xff\xdd\xe0\0\0\0\0"
+    open_ended = struct.pack("<HH2sHI", 0x0009, 0x1001, b"OB", 0, 0xFFFFFFFF) + value
+    target.write_bytes(data[:at] + open_ended + data[at + len(element) :])
+    return target
+
+
 def _header_outcome(path: Path, monkeypatch: pytest.MonkeyPatch, short: bool):
     from ichseg.io import dicom_header
 
@@ -552,11 +574,18 @@ def test_header_reads_from_the_first_bytes_are_what_dcmread_gives(
     source = sorted(write_good(root).glob("*.dcm"))[0]
     case.build(root)
     long_header = _with_long_header(source, tmp_path / "long.dcm")
+    # Cut inside a value of undefined length, which pydicom abandons with a partial dataset;
+    # one such value starts with bytes that look like the pixel data tag.
+    open_ended = [
+        _with_open_ended_blob(source, tmp_path / f"open_{i}.dcm", first)
+        for i, first in enumerate((b"\x22" * 4, b"\xe0\x7f\x10\x00"))
+    ]
     extra = [
         _mislabelled(source, tmp_path / "implicit_written.dcm", written_implicit=True),
         _mislabelled(source, tmp_path / "explicit_written.dcm", written_implicit=False),
         _rewritten(source, tmp_path / "implicit.dcm", "1.2.840.10008.1.2"),
         long_header,
+        *open_ended,
     ]
     taken = []
     real = dicom_header._header_from_first_bytes
@@ -572,4 +601,5 @@ def test_header_reads_from_the_first_bytes_are_what_dcmread_gives(
         assert _header_outcome(path, monkeypatch, short=True) == expected, path
     used = dict(taken)
     assert used[source] and used[extra[0]] and used[extra[2]]
-    assert not used[long_header]
+    assert not used[long_header] and not any(used[path] for path in open_ended)
+    assert not isinstance(_header_outcome(open_ended[1], monkeypatch, short=False), tuple)
