@@ -308,7 +308,6 @@ class SequenceScorer:
         Without TTA the embeddings of every usable row are read from (or added to) the cache
         training made; with TTA only ``rows`` are embedded (a separate cache entry).
         """
-
         device = default_device()
         table = embed_slices(
             self.backbone,

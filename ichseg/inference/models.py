@@ -264,7 +264,6 @@ def load_predictor(
     Raises:
         InputError: a missing or damaged model, head, thresholds, calibration or segmenter.
     """
-
     from ichseg.engine.calibrate import serving_calibration
     from ichseg.preprocess.pipeline import Preprocessor
 

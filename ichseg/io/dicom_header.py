@@ -256,7 +256,7 @@ def read_header_dataset(path: Path):
 
 
 # Uncompressed little-endian syntaxes: the pixel bytes can go to pydicom's decoder as they are.
-NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+NATIVE_LITTLE_ENDIAN = UNCOMPRESSED_SYNTAXES - {"1.2.840.10008.1.2.2"}  # less big endian
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # integer, float, double
 
 

@@ -30,7 +30,18 @@ import numpy as np
 
 from ichseg.config import DataConfig, MaskingConfig, RunConfig
 from ichseg.errors import ConfigError, InputError
-from ichseg.preprocess.windowing import neighbour_index
+from ichseg.preprocess.windowing import (
+    BLOCK_SUM_SHIFT,
+    block_sums_to_uint8,
+    halve_units,
+    in_range,
+    neighbour_index,
+    nonblank_slices,
+    resize_slices,
+    resolve_window,
+    stack_windows,
+    window_units,
+)
 from ichseg.volume import CTVolume
 
 if TYPE_CHECKING:
@@ -213,8 +224,6 @@ class Preprocessor:
                 "this model was trained on windowed PNG/JPG images; give it images of the "
                 "same kind, not CT volumes",
             )
-        from ichseg.preprocess.windowing import nonblank_slices
-
         hu = volume.hu
         keep = (
             nonblank_slices(hu, self.data.min_brain_fraction)
@@ -259,13 +268,6 @@ class Preprocessor:
     ) -> np.ndarray:
         """uint8 ``(Z, W, S, S)``: the windows of HU slices, zero outside ``inside`` when
         given, resized to ``size``. Every step works on each slice alone."""
-        from ichseg.preprocess.windowing import (
-            halve_units,
-            resize_slices,
-            stack_windows,
-            window_units,
-        )
-
         if hu.shape[-2:] == (2 * size[0], 2 * size[1]):
             # 512 -> 256: in the slice cache's integer arithmetic (the same numbers).
             units = window_units(hu, self.data.windows)  # (Z, windows, H, W)
@@ -348,8 +350,6 @@ class Preprocessor:
         elif stored.shape == (2 * size[0], 2 * size[1]):
             images = _halve_looked_up(tables, index)
         else:
-            from ichseg.preprocess.windowing import resize_slices
-
             windowed = np.take(tables.windowed, index, axis=1)
             images = _quantise(resize_slices(windowed, size))
         fraction = self.data.min_brain_fraction
@@ -359,8 +359,6 @@ class Preprocessor:
     @cached_property
     def _window_key(self) -> tuple[tuple[float, float], ...]:
         """The windows as ``(center, width)`` pairs, resolved once (looked up per slice)."""
-        from ichseg.preprocess.windowing import resolve_window
-
         return tuple((w.center, w.width) for w in map(resolve_window, self.data.windows))
 
     def image(self, path: str | Path) -> np.ndarray:
@@ -394,8 +392,6 @@ def _halve_looked_up(tables: _StoredValueTables, index: np.ndarray) -> np.ndarra
     four pixels of each block are summed in the lanes: one lookup and one add per pixel
     for all windows, where float lookups per window cost four times as much.
     """
-    from ichseg.preprocess.windowing import BLOCK_SUM_SHIFT, block_sums_to_uint8
-
     first, *others = (index[i::2, j::2] for i, j in _BLOCK)
     if tables.packed_units is None:
         sums = np.take(tables.halving_units, first, axis=1)
@@ -438,8 +434,6 @@ def _stored_value_tables(
     conversion, windows, quantisation, the brain-range test), each of them per pixel, so a
     lookup gives exactly their result.
     """
-    from ichseg.preprocess.windowing import in_range, stack_windows, window_units
-
     stored_type = np.dtype(dtype)
     every = np.arange(2 ** (8 * stored_type.itemsize), dtype=f"u{stored_type.itemsize}")
     hu = rescale.hu(every.view(stored_type))[None]  # one (1, N) slice
