@@ -58,7 +58,7 @@ def test_ladder_rungs_differ_only_where_intended():
         load_config(packaged_config(f"ablation/{name}.yaml"))
         for name in ("01_vgg16", "02_resnet50", "03_seresnet50", "04_seresnet50_unet")
     ]
-    assert [r.model.name for r in rungs] == ["vgg16", "resnet50", "seresnet50", "seresnet50"]
+    assert [r.model.name for r in rungs] == ["vgg16_bn_gap", "resnet50", "seresnet50", "seresnet50"]
     assert [r.masking.enabled for r in rungs] == [False, False, False, True]
     dump = [r.model_dump(exclude={"name"}) for r in rungs]
     # +SE changes the model name only; +U-Net changes masking only.

@@ -23,6 +23,7 @@ EXPECTED = {
     "resnet50",
     "seresnet50",
     "vgg16",
+    "vgg16_bn_gap",
 }
 
 
@@ -155,6 +156,26 @@ def test_pretrained_torchvision_file_adapts_first_conv(tmp_path) -> None:
     assert model.backbone.features[0].weight.shape == (64, 9, 11, 11)
     assert torch.equal(model.backbone.classifier[1].weight, source.classifier[1].weight)
     assert sorted(model.load_report.ignored_head) == ["classifier.6.bias", "classifier.6.weight"]
+
+
+def test_vgg16_bn_gap_is_torchvision_vgg16_bn_globally_pooled(tmp_path) -> None:
+    import torchvision
+
+    torch.manual_seed(3)
+    source = torchvision.models.vgg16_bn().eval()
+    path = tmp_path / "vgg16_bn.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model("vgg16_bn_gap", pretrained=path).eval()
+    # ImageNet's file fills every convolution and batch norm; fc6-fc8 are the ignored head.
+    ignored = sorted({key.rsplit(".", 1)[0] for key in model.load_report.ignored_head})
+    assert ignored == ["classifier.0", "classifier.3", "classifier.6"]
+    assert not model.load_report.unexpected and model.num_features == 512
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = source.features(x).mean((2, 3))
+        assert torch.allclose(model.forward_features(x), pooled, atol=1e-5)
+    # 15M parameters, not 134M: fc6/fc7 are gone, not merely unused.
+    assert sum(p.numel() for p in model.parameters()) < 16_000_000
 
 
 def test_pretrained_wrong_keys(tmp_path) -> None:

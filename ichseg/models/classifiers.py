@@ -68,21 +68,38 @@ def _replace_first_conv(features: nn.Sequential, in_channels: int) -> None:
         )
 
 
-def _torchvision_backbone(arch: str, in_channels: int, gradcam_layer: str) -> BackboneSpec:
-    # VGG16 and AlexNet keep fc6/fc7 (their ImageNet-pretrained 4096-d layers, with their own
-    # dropout) so the features are the fc7 output; only the 1000-way layer classifier.6 goes.
-    # The adaptive average pool before fc6 lets inputs as small as 64x64 through.
+def _torchvision_backbone(
+    arch: str, in_channels: int, gradcam_layer: str, *, pooled: bool = False
+) -> BackboneSpec:
+    """VGG/AlexNet features: fc7's output, or with ``pooled`` the globally pooled last conv.
+
+    By default fc6/fc7 stay (their ImageNet-pretrained 4096-d layers, with their own dropout)
+    and only the 1000-way layer classifier.6 goes; the adaptive average pool before fc6 lets
+    inputs as small as 64x64 through. ``pooled`` drops fc6/fc7 for a global average pool, as in
+    the GAP networks of Zhou et al. (CVPR 2016): at 64-128 px the 7x7 pool mostly repeats a
+    2x2-4x4 map into 102M fc6 weights; from scratch, with batch norm, at the ResNets' rate, those
+    sent the loss to 5 in the first epoch and made a step 3x as long. The library's names stay
+    either way, so its ImageNet checkpoint loads (the classifier keys that went are ignored as
+    the head's).
+    """
     module = torchvision.models.get_model(arch, weights=None)
     _replace_first_conv(module.features, in_channels)
-    num_features = module.classifier[6].in_features
-    module.classifier[6] = nn.Identity()
+    if pooled:
+        num_features = [m for m in module.features if isinstance(m, nn.Conv2d)][-1].out_channels
+        module.avgpool = nn.AdaptiveAvgPool2d(1)
+        module.classifier = nn.Identity()
+        head_prefixes: tuple[str, ...] = ("classifier.",)
+    else:
+        num_features = module.classifier[6].in_features
+        module.classifier[6] = nn.Identity()
+        head_prefixes = ("classifier.6.",)
     return BackboneSpec(
         module=module,
         num_features=int(num_features),
         in_channels=in_channels,
         first_conv="features.0",
         gradcam_layer=gradcam_layer,
-        head_prefixes=("classifier.6.",),
+        head_prefixes=head_prefixes,
         source="torchvision",
         arch=arch,
     )
@@ -132,6 +149,17 @@ def efficientnet_b4(in_channels: int = 3) -> BackboneSpec:
 def vgg16(in_channels: int = 3) -> BackboneSpec:
     """torchvision VGG-16 (no BN); Grad-CAM on the ReLU after conv5_3 (``features.29``)."""
     return _torchvision_backbone("vgg16", in_channels, gradcam_layer="features.29")
+
+
+@register_model("vgg16_bn_gap")
+def vgg16_bn_gap(in_channels: int = 3) -> BackboneSpec:
+    """torchvision VGG-16 with batch norm, globally average-pooled conv5_3 features (512).
+
+    The VGG rung for training from scratch: without batch norm VGG-16 barely moved from the
+    label prior in the quick profile's budget, and its fc6/fc7 were two thirds of each step.
+    Grad-CAM on the ReLU after conv5_3's batch norm (``features.42``).
+    """
+    return _torchvision_backbone("vgg16_bn", in_channels, "features.42", pooled=True)
 
 
 @register_model("alexnet")
