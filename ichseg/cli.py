@@ -397,7 +397,7 @@ def ablate(
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
-    """Run the ladder VGG16 -> ResNet50 -> +SE -> +U-Net over seeds; table with 95 % CIs.
+    """Run the ladder VGG16(-BN-GAP) -> ResNet50 -> +SE -> +U-Net over seeds; table with 95 % CIs.
 
     --full adds rung 05 (neighbour slices as channels) and 06 (a sequence head over rung 05's
     embeddings; seed s reuses rung 05's run of seed s as its backbone).
@@ -426,7 +426,7 @@ def demo(
     seeds: Annotated[
         int,
         typer.Option(
-            min=1, help="Seeds per rung (1 fits ~10 min on 2 cores; >= 3 adds seed variance)."
+            min=1, help="Seeds per rung (1: ~9 min on 2 cores in bf16; >= 3 adds seed variance)."
         ),
     ] = 1,
     full: Annotated[

@@ -163,6 +163,15 @@ def test_vgg16_bn_gap_is_torchvision_vgg16_bn_globally_pooled(tmp_path) -> None:
 
     torch.manual_seed(3)
     source = torchvision.models.vgg16_bn().eval()
+    # Batch-norm statistics and affine terms away from their initial values, so a mis-mapped
+    # or skipped BN tensor changes the features; fc6-fc8 small, their shapes do not matter.
+    for module in source.features:
+        if isinstance(module, nn.BatchNorm2d):
+            for tensor in (module.weight, module.bias, module.running_mean):
+                tensor.data.uniform_(-0.5, 0.5)
+            module.running_var.data.uniform_(0.5, 2.0)
+    for index in (0, 3, 6):
+        source.classifier[index] = nn.Linear(4, 4)
     path = tmp_path / "vgg16_bn.pth"
     torch.save(source.state_dict(), path)
     model = create_model("vgg16_bn_gap", pretrained=path).eval()
@@ -176,6 +185,11 @@ def test_vgg16_bn_gap_is_torchvision_vgg16_bn_globally_pooled(tmp_path) -> None:
         assert torch.allclose(model.forward_features(x), pooled, atol=1e-5)
     # 15M parameters, not 134M: fc6/fc7 are gone, not merely unused.
     assert sum(p.numel() for p in model.parameters()) < 16_000_000
+    # Grad-CAM reads conv5_3 after its batch norm and ReLU, the last map before pool5.
+    features = model.backbone.features
+    index = int(model.gradcam_target_layer().rsplit(".", 1)[1])
+    assert isinstance(features[index], nn.ReLU) and isinstance(features[index - 1], nn.BatchNorm2d)
+    assert isinstance(features[index + 1], nn.MaxPool2d) and index + 2 == len(features)
 
 
 def test_pretrained_wrong_keys(tmp_path) -> None:

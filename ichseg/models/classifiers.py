@@ -75,7 +75,7 @@ def _torchvision_backbone(
 
     By default fc6/fc7 stay (their ImageNet-pretrained 4096-d layers, with their own dropout)
     and only the 1000-way layer classifier.6 goes; the adaptive average pool before fc6 lets
-    inputs as small as 64x64 through. ``pooled`` drops fc6/fc7 for a global average pool, as in
+    inputs as small as 64x64 through. ``pooled`` drops fc6/fc7 for a global average pool, after
     the GAP networks of Zhou et al. (CVPR 2016): at 64-128 px the 7x7 pool mostly repeats a
     2x2-4x4 map into 102M fc6 weights; from scratch, with batch norm, at the ResNets' rate, those
     sent the loss to 5 in the first epoch and made a step 3x as long. The library's names stay
