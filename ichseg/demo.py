@@ -36,8 +36,8 @@ def run_demo(
         out_dir: everything is written under this folder (phantoms, cache, runs, reports).
         seeds: seeds per rung of the ladder. One by default, to fit 10 minutes on 2 CPU cores
             that train in bf16 (8.9 on an AMD EPYC Zen 5; CPUs without fast bf16 train in fp32
-            and may need up to twice that): the intervals then cover
-            test-patient sampling only (the table says so);
+            and may need up to twice that): the intervals then cover test-patient sampling
+            only (the table says so);
             three or more add the seed component, as ``ichseg ablate`` does by default.
         full: also rungs 05 (2.5D input) and 06 (sequence head over rung 05's embeddings);
             takes longer than the default demo's budget.
