@@ -277,7 +277,7 @@ def read_up_to_pixels(stream, declared: str):
 
     stream.seek(132)
     meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2)
-    syntax = meta.get("TransferSyntaxUID")
+    syntax = meta_text(meta, "TransferSyntaxUID")
     position = stream.tell()
     group = stream.read(2)
     stream.seek(position)
@@ -406,17 +406,23 @@ class ElementValues:
         encoding = self.encoding
         self.encoding_key = tuple(encoding) if isinstance(encoding, list) else encoding
         self.converted: dict[int, Any] = {}
+        # The dataset's elements by plain integer tag, as stored (raw until converted): a
+        # dict lookup instead of ``get_item``'s tag conversion for each of a header's ~40
+        # elements.
+        self.elements: dict[int, Any] = {int(tag): element for tag, element in ds.items()}
         meta = getattr(ds, "file_meta", None)
-        self.transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta else ""
+        self.transfer_syntax = meta_text(meta, "TransferSyntaxUID")
 
     def get(self, keyword: str, default: Any = None) -> Any:
         RawDataElement, convert_raw_data_element, AMBIGUOUS_VR = _raw_element_tools()
         tag = tag_number(keyword)
         if tag in self.converted:
             return self.converted[tag]
-        raw = self.ds.get_item(tag)
+        raw = self.elements.get(tag)
         if raw is None:
             return default
+        if isinstance(raw, RawDataElement) and raw.value is None:
+            raw = self.ds.get_item(tag)  # a deferred read: pydicom reads and converts it
         if not isinstance(raw, RawDataElement):
             value = raw.value
         else:
@@ -439,6 +445,34 @@ class ElementValues:
                 _CONVERTED[key] = value
         self.converted[tag] = value
         return value
+
+
+def meta_text(meta, keyword: str) -> str:
+    """``str(meta.get(keyword, "") or "")`` of a file meta group (or ``""`` without one).
+
+    The meta group's UIDs repeat in every file of a folder: each distinct raw value is
+    converted once (``Dataset.get`` converted and stored it back for every file).
+    """
+    if meta is None:
+        return ""
+    RawDataElement = _raw_element_tools()[0]
+    tag = tag_number(keyword)
+    element = meta.get_item(tag)
+    if element is None:
+        return ""
+    if not isinstance(element, RawDataElement) or element.value is None:
+        return str(meta.get(keyword, "") or "")
+    key = (tag, element.VR, element.value)
+    found = _META_TEXT.get(key)
+    if found is None:
+        found = str(meta.get(keyword, "") or "")
+        if len(_META_TEXT) >= _CONVERTED_LIMIT:
+            _META_TEXT.clear()
+        _META_TEXT[key] = found
+    return found
+
+
+_META_TEXT: dict[tuple, str] = {}
 
 
 @lru_cache(maxsize=1)
@@ -494,7 +528,7 @@ def header_from_dataset(
     """The :class:`SliceHeader` of a dataset read header-only or in full (the same values)."""
     values = values or ElementValues(ds)
     file_meta = getattr(ds, "file_meta", None)
-    media_class = str(file_meta.get("MediaStorageSOPClassUID", "") or "") if file_meta else ""
+    media_class = meta_text(file_meta, "MediaStorageSOPClassUID")
     sop_class = str(values.get("SOPClassUID", "") or "") or media_class
     if _DICOMDIR_SOP_CLASS in (media_class, sop_class):
         raise NotAnImage(path, "DICOMDIR (index of a media set)")

@@ -30,6 +30,7 @@ from ichseg.io.dicom_header import (
     header_from_dataset,
     looks_like_raw_dataset,
     max_slice_pixels,
+    meta_text,
     quiet_pydicom,
     read_header_dataset,
     read_up_to_pixels,
@@ -216,6 +217,7 @@ def _dcmread_full(path: Path, file_size: int | None = None):
 
 
 _PIXEL_DATA = (0x7FE0, 0x0010)
+_PIXEL_DATA_TAG = 0x7FE00010
 _PIXEL_VRS = {b"OB", b"OW", b"UN"}  # the VRs PixelData may have (4-byte lengths, all three)
 
 
@@ -247,7 +249,7 @@ def _read_with_pixel_view(data: bytes):
     except Exception:
         return None
     meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    syntax = meta_text(meta, "TransferSyntaxUID")
     if syntax not in NATIVE_LITTLE_ENDIAN:
         return None
     position = stream.tell()
@@ -306,12 +308,12 @@ def _stored_pixels(ds, values: ElementValues) -> np.ndarray:
         syntax not in NATIVE_LITTLE_ENDIAN
         or not isinstance(raw, RawDataElement)
         or raw.value is None
-        or any(tag in ds for tag in _OTHER_PIXEL_DATA)
+        or any(tag in values.elements for tag in _OTHER_PIXEL_DATA)
     ):
         return pixel_array(ds)
     options: dict[str, Any] = {}
     for keyword, option in _PIXEL_OPTIONS.items():
-        if tag_number(keyword) in ds:
+        if tag_number(keyword) in values.elements:
             options[option] = values.get(keyword)
     frames = options.get("number_of_frames", 1)
     frames = int(frames) if isinstance(frames, str) else frames
@@ -374,7 +376,7 @@ def _decode_dataset(
     values = values or ElementValues(ds)
     with py_warnings.catch_warnings():
         py_warnings.simplefilter("ignore")
-        if "PixelData" not in ds:
+        if _PIXEL_DATA_TAG not in values.elements:
             raise InputError(path, "no PixelData element (truncated file or no image)")
         if not values.transfer_syntax:
             values.transfer_syntax = _fill_transfer_syntax(ds)
