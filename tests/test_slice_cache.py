@@ -328,12 +328,36 @@ def test_a_shard_built_twice_is_left_as_it_is(flat_data, tmp_path: Path):
     # shards a worker had already written: they are kept, not rebuilt over.
     from ichseg.engine.cache_format import shard_name
     from ichseg.engine.cache_per_slice import _build_file_shard
+    from ichseg.io.dicom_table import DicomTable
 
     flat, labels = flat_data
     config = _config(flat, labels, tmp_path / "cache").model_dump(mode="json")
     paths = np.array([os.fsencode(p) for p in sorted(flat.glob("*.dcm"))[:5]])
-    assert _build_file_shard(str(tmp_path), 0, paths, config) == 5
+    first = _build_file_shard(str(tmp_path), 0, paths, config)
+    assert first.files == 5
+    # The table handed back is the one written (the series are assembled from it).
+    stored = DicomTable.load(tmp_path / shard_name(0) / "files.npz")
+    assert sorted(first.table.columns) == sorted(stored.columns)
+    for name, column in stored.columns.items():
+        assert np.array_equal(first.table.columns[name], column, equal_nan=column.dtype.kind == "f")
+    assert first.table.strings == stored.strings
     before = _files(tmp_path / shard_name(0))
-    assert _build_file_shard(str(tmp_path), 0, paths, config) == 5
+    again = _build_file_shard(str(tmp_path), 0, paths, config)
+    assert again.files == 5 and again.table is None  # the finished shard is read from disk
     assert _files(tmp_path / shard_name(0)) == before
     assert not list(tmp_path.glob(".shard-*"))  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("count", [1, 5, 63, 64, 65, 255, 256, 257, 1023, 1024, 1025, 4096, 5000])
+def test_the_file_plan_covers_every_file_once_with_a_fine_tail(count: int):
+    from ichseg.engine.cache_per_slice import TAIL_SHARDS, per_slice_plan
+
+    shards = per_slice_plan(count, 256)
+    assert shards[0][0] == 0 and shards[-1][1] == count
+    assert all(a[1] == b[0] for a, b in zip(shards, shards[1:], strict=False))  # contiguous
+    assert all(0 < end - start <= 256 for start, end in shards)
+    # The last TAIL_SHARDS shards' worth of files come in quarter-size shards, so the last
+    # shard a worker takes is short.
+    tail = [end - start for start, end in shards if start >= count - TAIL_SHARDS * 256]
+    assert sum(tail) == min(count, TAIL_SHARDS * 256) and max(tail) <= 64
+    assert per_slice_plan(count, 1) == [[i, i + 1] for i in range(count)]
