@@ -4,8 +4,9 @@ Writes phantom studies as DICOM, copies every slice into one flat folder with un
 RSNA layout), warms the OS file cache, then times on exactly those files, in interleaved rounds:
 
 * ``ichseg``: ``build_slices`` on the folder (the per-slice path: each file parsed once, its
-  windows written to a cache shard, series assembled afterwards from the compact index), into a
-  fresh cache each round, with ``--workers`` processes (inputs under ``MIN_PARALLEL_FILES``
+  windows written to a cache shard, series assembled afterwards from the compact index), into an
+  empty cache folder each round (the previous round's cache is removed before the timer
+  starts), with ``--workers`` processes (inputs under ``MIN_PARALLEL_FILES``
   files are processed in the calling process);
 * ``ichseg_volumes``: ``index_input`` + ``iter_volumes`` + the run's ``Preprocessor`` per
   volume (the path of ``predict``: whole volumes, header pass then decoding);

@@ -23,8 +23,10 @@ so a context of k costs no extra disk.
 Two ways to build, the same arrays:
 
 * **Per slice** (DICOM-only data, no intracranial masking or head crop: every step works on one
-  slice). Units are files: shard ``i`` is files ``[i * n, (i + 1) * n)`` of the sorted listing
-  (``n = PER_SLICE_SHARD_FILES``, 256). A worker parses each file once from memory
+  slice). Units are files: shards are consecutive runs of ``n`` files of the sorted listing
+  (``n = PER_SLICE_SHARD_FILES``, 256), the last ``4 n`` files in runs of ``n / 4`` so that
+  the workers finish together (``per_slice_plan``; ``plan.json`` keeps the ranges, and a
+  resumed build uses its own). A worker parses each file once from memory
   (``ichseg.io.dicom.parse_file``, header and stored pixel values), windows the slice through
   the preprocessor's lookup tables of every stored value (``Preprocessor.stored_slice``: the
   same arrays as the float steps, without computing them per pixel), appends it to the shard's

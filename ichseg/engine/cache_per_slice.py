@@ -323,7 +323,8 @@ def _finish_per_slice(
     (labels, patient and series ids, slice order, 2.5D neighbour rows), then ``done.json``.
 
     Works on the shards' compact tables only (no pixels), one series at a time:
-    ``tables_built`` by shard, the others read from the shards' ``files.npz``.
+    ``tables_built`` by shard (taken out of the dict as they are used), the others read from
+    the shards' ``files.npz``.
     """
     from ichseg.io.dicom import series_layout
     from ichseg.io.dicom_table import DicomTable
@@ -333,7 +334,9 @@ def _finish_per_slice(
     for i in range(shard_count):
         shard = folder / shard_name(i)
         meta = json.loads((shard / "meta.json").read_text())
-        table = tables_built.get(i)
+        # Taken out of the caller's dict, so that only the concatenated table outlives this
+        # loop (at RSNA scale the tables are a few hundred MB).
+        table = tables_built.pop(i, None)
         if table is None:
             table = DicomTable.load(shard / "files.npz")
         rows = table.columns["image_row"]
