@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from corpus import CASES, Case, write_good
+from corpus import CASES, Case, odd_series, write_good
 
 from ichseg.errors import InputError
 from ichseg.io import workers as workers_module
@@ -152,6 +152,32 @@ def test_table_survives_saving_and_joining(tmp_path: Path) -> None:
         discover_series(tmp_path / "in", workers=1).series[0].headers,
         key=lambda h: order.index(files.index(h.path)),
     )
+
+
+def test_a_compacted_table_travels_and_keeps_growing(tmp_path: Path) -> None:
+    import pickle
+
+    first = list_files(write_good(tmp_path / "in")).files
+    second = odd_series(tmp_path / "in")
+    whole, grown = DicomTable(), DicomTable()
+    for path in first + second:
+        whole.append(parse_file(path))
+    for path in first:
+        grown.append(parse_file(path))
+    # As a cache worker sends its shard's table to the building process; a second series
+    # then adds strings the table has not seen.
+    grown = pickle.loads(pickle.dumps(grown.compact()))
+    for path in second:
+        grown.append(parse_file(path))
+
+    assert len(grown) == len(whole) == len(first) + len(second)
+    assert grown.strings == whole.strings
+    for name, column in whole.columns.items():
+        assert np.array_equal(grown.columns[name], column, equal_nan=column.dtype.kind == "f")
+    series = grown.series_rows()
+    assert len(series) == 2
+    for uid, rows in series:
+        assert grown.series(uid, rows).headers == whole.series(uid, rows).headers
 
 
 def test_compact_listing_equals_the_path_listing(tmp_path: Path) -> None:

@@ -149,6 +149,7 @@ def build_per_slice(
         bar.update(shard.files)
         if shard.table is not None:
             tables[job[1]] = shard.table
+        del shard  # so that ``tables`` alone holds the table, and the finish can release it
     bar.close()
     _finish_per_slice(folder, len(shards), source, data, tables)
     return open_slices(folder)
@@ -273,7 +274,7 @@ def _build_file_shard(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return ShardBuilt(len(paths), table)
+    return ShardBuilt(len(paths), table.compact())
 
 
 def _window_stacks(

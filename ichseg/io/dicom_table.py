@@ -223,6 +223,14 @@ class DicomTable:
         for name, value in values.items():
             self.columns[name][row] = value
 
+    def compact(self) -> DicomTable:
+        """This table in its compact form, to keep or send to another process: the rows
+        appended so far moved into the columns, and the string lookups dropped (one entry per
+        distinct string; rebuilt if more rows are appended)."""
+        self._pack()
+        self._interned = {}
+        return self
+
     def _pack(self) -> None:
         """Move the rows appended so far into the numpy columns."""
         if not self._rows and self.columns:
