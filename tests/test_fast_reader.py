@@ -133,6 +133,40 @@ def test_one_parse_per_file_matches_the_two_pass_reader(case: Case, tmp_path: Pa
         assert layout.metadata == reference.metadata
 
 
+@pytest.mark.parametrize("case", DICOM_CASES, ids=[c.name for c in DICOM_CASES])
+def test_element_values_are_pydicoms_from_its_dict_or_a_copy(case: Case, tmp_path: Path) -> None:
+    """Header values are read from pydicom's own element dict, or from a copy keyed by plain
+    tag numbers where a dataset has none: both give what ``Dataset.get`` gives."""
+    import pydicom
+
+    from ichseg.io.dicom_header import _HEADER_TAGS, ElementValues
+
+    root = tmp_path / "input"
+    root.mkdir()
+    write_good(root)
+    case.build(root)
+    compared = 0
+    for path in list_files(root).files:
+        try:
+            datasets = [pydicom.dcmread(path, stop_before_pixels=True) for _ in range(3)]
+        except Exception:  # not DICOM, or too damaged to read: nothing to compare
+            continue
+        reference, own, copy = datasets
+        live, copied = ElementValues(own), ElementValues(copy)
+        assert live.elements is own._dict
+        copied.elements = {int(tag): element for tag, element in copy.items()}
+        for keyword in _HEADER_TAGS:
+            try:
+                expected = reference.get(keyword)
+            except Exception:  # a value pydicom cannot convert: read elsewhere as invalid
+                continue
+            for found in (live.get(keyword), copied.get(keyword)):
+                # repr where == cannot tell (a 'NaN' decimal string is not equal to itself)
+                assert found == expected or repr(found) == repr(expected), (path, keyword)
+            compared += 1
+    assert compared > 0
+
+
 def test_table_survives_saving_and_joining(tmp_path: Path) -> None:
     write_good(tmp_path / "in")
     files = list_files(tmp_path / "in").files
