@@ -182,3 +182,41 @@ def test_packaged_ladder_resolves_with_quick_profile():
     assert resolve_rung("ablation/01_vgg16.yaml").data.head_crop is False
     with pytest.raises(ConfigError, match="unknown profile"):
         resolve_rung("ablation/01_vgg16.yaml", profile="fast")
+
+
+def test_perfect_rungs_get_score_intervals_and_a_marked_cell(tmp_path: Path):
+    from ichseg.engine.ablation_analysis import SCORE_NOTE, format_table, write_ablation_markdown
+    from ichseg.metrics.auroc import auroc_score_interval
+
+    rng = np.random.default_rng(0)
+    patients = [f"p{i // 4}" for i in range(120)]
+    labels = np.zeros((120, 6))
+    labels[::4, 0] = labels[::4, 5] = 1  # one positive slice in each patient's four
+    config = load_config(extra={"name": "x"})
+    runs = [
+        {
+            "rung": rung,
+            "seed": seed,
+            "config": config,
+            "dir": _fake_run(tmp_path / rung / f"s{seed}", labels, probs(), patients),
+        }
+        for rung, probs in (
+            ("weak", lambda: rng.random((120, 6))),
+            ("perfect", lambda: 0.1 + 0.8 * labels),
+        )
+        for seed in range(3)
+    ]
+    report = analyse(runs, n_boot=100)
+    weak, best = report["table"]
+
+    assert best["auroc_any_mean"] == 1.0 and best["auroc_any_ci_method"] == "score"
+    # Every patient has positive and negative slices: 30 independent units on each side.
+    expected = auroc_score_interval(1.0, 30, 30)
+    assert (best["auroc_any_ci_low"], best["auroc_any_ci_high"]) == pytest.approx(expected)
+    assert "auroc_any_ci_method" not in weak
+    assert weak["auroc_any_ci_low"] < weak["auroc_any_mean"] < weak["auroc_any_ci_high"]
+    table = format_table(report["table"])
+    assert f"1.000 [{expected[0]:.3f}, 1.000] †" in table and table.endswith(SCORE_NOTE)
+    text = write_ablation_markdown(report, tmp_path / "ablation.md").read_text()
+    assert text.count(SCORE_NOTE) == 2  # under the headline table and the per-class one
+    assert f"\n\n{SCORE_NOTE}" in text  # after a blank line: not a row of the table

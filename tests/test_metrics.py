@@ -315,3 +315,98 @@ def test_write_report_creates_files(tmp_path) -> None:
     paths = write_report(mc, tmp_path / "mc", yc, pc, ["a", "b", "c"], "multiclass")
     assert all(path.is_file() for path in paths)
     assert "log loss" in paths[1].read_text()
+
+
+def _hanley_mcneil_variance(theta: float, m: int, n: int) -> float:
+    """Hanley and McNeil's (1982) variance in its original Q1/Q2 form."""
+    q1, q2 = theta / (2 - theta), 2 * theta**2 / (1 + theta)
+    return (theta * (1 - theta) + (m - 1) * (q1 - theta**2) + (n - 1) * (q2 - theta**2)) / (m * n)
+
+
+@pytest.mark.parametrize("value", [1.0, 0.97, 0.8, 0.5, 0.0])
+def test_score_interval_solves_its_equation_at_both_limits(value: float) -> None:
+    from scipy.stats import norm
+
+    from ichseg.metrics.auroc import auroc_score_interval
+
+    z = norm.ppf(0.975)
+    low, high = auroc_score_interval(value, 20, 20)
+    assert 0.0 <= low <= value <= high <= 1.0
+    for limit in (low, high):
+        if limit in (0.0, 1.0) and limit == value:
+            continue  # the estimate itself on the bound
+        # With equal groups the variance is Hanley and McNeil's own, independently written.
+        distance = z * math.sqrt(_hanley_mcneil_variance(limit, 20, 20))
+        assert abs(value - limit) == pytest.approx(distance, abs=1e-9)
+    # Mirror image: the interval of 1 - AUROC is 1 minus this one's.
+    mirror = auroc_score_interval(1.0 - value, 20, 20)
+    assert mirror == pytest.approx((1.0 - high, 1.0 - low), abs=1e-9)
+
+
+def test_score_interval_keeps_a_width_at_perfect_separation() -> None:
+    from ichseg.metrics.auroc import auroc_score_interval
+
+    low, high = auroc_score_interval(1.0, 28, 17)
+    assert high == 1.0 and 0.88 < low < 0.93
+    assert auroc_score_interval(1.0, 17, 28) == pytest.approx((low, high))
+    # More cases, a narrower interval; no cases in a group, no interval.
+    assert auroc_score_interval(1.0, 280, 170)[0] > low
+    assert all(math.isnan(v) for v in auroc_score_interval(1.0, 0, 17))
+    with pytest.raises(ValueError):
+        auroc_score_interval(1.2, 5, 5)
+
+
+def test_score_interval_covers_the_true_auroc() -> None:
+    """Binormal scores with a true AUROC of 0.98 and 12 + 12 cases: about a third of the draws
+    are perfectly separated, where a bootstrap interval is the point [1, 1] and misses 0.98, so
+    its coverage could not exceed two thirds."""
+    from scipy.stats import norm
+
+    from ichseg.metrics.auroc import auroc_score_interval
+
+    true_auroc, cases, draws = 0.98, 12, 400
+    shift = math.sqrt(2) * norm.ppf(true_auroc)  # P(X_pos > X_neg) = true_auroc
+    labels = np.r_[np.ones(cases), np.zeros(cases)]
+    rng = np.random.default_rng(0)
+    covered = perfect = 0
+    for _ in range(draws):
+        scores = np.r_[rng.normal(shift, 1, cases), rng.normal(0, 1, cases)]
+        value = float(auroc(labels, scores)[0])
+        perfect += value == 1.0
+        low, high = auroc_score_interval(value, cases, cases)
+        covered += low <= true_auroc <= high
+    assert perfect > draws // 4
+    assert 0.93 <= covered / draws <= 0.995
+
+
+def test_interval_at_bound_counts_patients_not_slices() -> None:
+    from ichseg.metrics.auroc import auroc_interval_at_bound, auroc_score_interval
+
+    labels = np.array([1, 1, 1, 0, 0, 0, np.nan, 0])
+    patients = np.array(["a", "a", "b", "c", "c", "d", "e", "e"])
+    assert auroc_interval_at_bound(0.93, labels, patients) is None
+    # Positive patients a, b; negative c, d, e (e's unknown row left out, its other row kept).
+    assert auroc_interval_at_bound(1.0, labels, patients) == auroc_score_interval(1.0, 2, 3)
+    assert auroc_interval_at_bound(1.0, labels) == auroc_score_interval(1.0, 3, 4)
+
+
+def test_evaluation_of_perfect_separation_gives_a_score_interval() -> None:
+    rng = np.random.default_rng(1)
+    patients = np.repeat(np.arange(30), 4)
+    y = np.zeros((120, 6))
+    y[patients < 12, 0] = 1.0
+    y[patients < 12, 5] = 1.0
+    p = np.clip(rng.random((120, 6)) * 0.4 + 0.6 * y, 0, 1)  # any: perfectly separated
+    result = evaluate_multilabel(
+        y, p, class_names=SUBTYPES, groups=patients, series_ids=patients, n_boot=100
+    )
+    assert result["auroc_any"] == 1.0 and result["series_auroc_any"] == 1.0
+    assert sorted(result["bootstrap"]["score_intervals"]) == ["auroc_any", "series_auroc_any"]
+    from ichseg.metrics.auroc import auroc_score_interval
+
+    expected = auroc_score_interval(1.0, 12, 18)
+    assert result["ci"]["series_auroc_any"] == pytest.approx(list(expected))
+    assert result["ci"]["auroc_any"] == pytest.approx(list(expected))
+    assert result["ci"]["auroc_any"][0] < 0.95
+    # Weighted log loss is not an AUROC: still the bootstrap's interval.
+    assert "weighted_log_loss" not in result["bootstrap"]["score_intervals"]

@@ -235,3 +235,24 @@ def test_unknown_subgroup_variable_is_a_config_error() -> None:
     assert "eval.subgroups" in str(exc.value) and "shoe_size" in str(exc.value)
     config = load_config(extra={"eval": {"subgroups": ["kvp", "site", "kvp"]}})
     assert config.eval.subgroups == ["kvp", "site"]
+
+
+def test_a_perfectly_separated_group_gets_a_score_interval() -> None:
+    from ichseg.engine.report import subgroup_markdown
+    from ichseg.metrics.auroc import auroc_score_interval
+
+    y, score, groups, series, sex = _data(seed=4)
+    score = np.where(sex == "F", y, score)  # F: perfectly separated; M: chance
+    result = subgroup_analysis(y, score, groups, {"sex": list(sex)}, n_boot=100, seed=0)
+
+    by_group = {entry["group"]: entry for entry in result["variables"]["sex"]}
+    female, male = by_group["F"], by_group["M"]
+    assert female["auroc"] == 1.0 and female["ci_method"] == "score"
+    rows = sex == "F"
+    positive = np.unique(groups[rows & (y == 1)]).size
+    negative = np.unique(groups[rows & (y == 0)]).size
+    expected = auroc_score_interval(1.0, positive, negative)
+    assert female["ci"] == pytest.approx(list(expected)) and expected[0] < 0.95
+    assert male["ci_method"] == "bootstrap" and male["ci"][0] < male["auroc"] < male["ci"][1]
+    text = subgroup_markdown(result)
+    assert f"{female['auroc']:.3f} [{expected[0]:.3f}, 1.000] †" in text

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,12 +158,21 @@ HEADLINE = (
 )
 COMPARED = ("auroc_any", "weighted_log_loss", "series_auroc_any", "series_weighted_log_loss")
 LOWER_IS_BETTER = ("weighted_log_loss", "series_weighted_log_loss")
+SCORE_INTERVAL = "score"
+"""``<key>_ci_method`` of a cell whose AUROC is exactly 0 or 1 on every seed: its interval is
+Newcombe's score interval over the independent test patients, not the bootstrap's point."""
+SCORE_NOTE = (
+    "† an AUROC of exactly 1 (or 0) on every seed: every bootstrap resample gives the same "
+    "value, so the interval is Newcombe's score interval over the independent test patients "
+    "(test-patient sampling only)."
+)
 
 
 def analyse(runs: list[dict[str, Any]], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Cells with patient-and-seed intervals and paired comparisons of consecutive rungs."""
     from ichseg.metrics import aggregate_by_series, to_jsonable
     from ichseg.metrics._base import has_both_labels
+    from ichseg.metrics.auroc import auroc_interval_at_bound
     from ichseg.metrics.compare import (
         delong_test,
         paired_seed_patient_bootstrap,
@@ -218,6 +227,13 @@ def analyse(runs: list[dict[str, Any]], n_boot: int = 1000, seed: int = 0) -> di
                 row[f"{prefix}{key}_mean"] = cell.mean
                 row[f"{prefix}{key}_ci_low"] = cell.ci_low
                 row[f"{prefix}{key}_ci_high"] = cell.ci_high
+                if key.startswith("auroc_"):
+                    # Every seed at exactly 1 (or 0): every resample is too.
+                    column = y[:, SUBTYPES.index(key.removeprefix("auroc_"))]
+                    at_bound = auroc_interval_at_bound(cell.mean, column, groups)
+                    if at_bound is not None:
+                        row[f"{prefix}{key}_ci_low"], row[f"{prefix}{key}_ci_high"] = at_bound
+                        row[f"{prefix}{key}_ci_method"] = SCORE_INTERVAL
         row["val_loss"] = rung.validation.get("val_loss", math.nan)
         row["val_auroc_any"] = rung.validation.get("val_auroc", math.nan)
         table.append(row)
@@ -279,7 +295,15 @@ def _cell(row: dict[str, Any], key: str) -> str:
     low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
     if low is None or high is None:
         return f"{mean:.3f}"
-    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+    mark = " †" if row.get(f"{key}_ci_method") == SCORE_INTERVAL else ""
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]{mark}"
+
+
+def _score_note(table: list[dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    """The footnote of the † cells among ``keys`` (after a blank line, which ends a markdown
+    table), if there are any."""
+    marked = any(row.get(f"{key}_ci_method") == SCORE_INTERVAL for row in table for key in keys)
+    return ["", SCORE_NOTE] if marked else []
 
 
 def _delta(row: dict[str, Any], key: str) -> str:
@@ -300,7 +324,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
         cells = [row["rung"], row["model"], "yes" if row["masked"] else "no", str(row["seeds"])]
         cells += [_cell(row, key) for key in HEADLINE]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + _score_note(table, HEADLINE))
 
 
 def format_comparisons(table: list[dict[str, Any]]) -> str:
@@ -389,6 +413,7 @@ def write_ablation_markdown(report: dict[str, Any], path: Path) -> Path:
         lines.append(
             "| " + " | ".join([row["rung"], *[_cell(row, key) for key in per_class[1:]]]) + " |"
         )
+    lines += _score_note(table, per_class[1:])
     lines += [
         "",
         "## Validation (used for early stopping and thresholds: optimistic)",

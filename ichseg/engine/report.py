@@ -83,6 +83,12 @@ def _markdown(metrics: dict[str, Any], task: str) -> str:
     if boot:
         dropped = {k: v for k, v in boot.get("dropped", {}).items() if v}
         note = f" Resamples without a value (dropped): {dropped}." if dropped else ""
+        if boot.get("score_intervals"):
+            note += (
+                f" {', '.join(boot['score_intervals'])}: exactly 0 or 1, where every resample "
+                "gives the same value, so Newcombe's score interval over the independent "
+                "patients is shown instead."
+            )
         lines += [
             f"Intervals: {level} % percentile bootstrap over {boot.get('n_units')} patients "
             f"({boot.get('n_boot')} resamples, seed {boot.get('seed')}); they cover test-patient "
@@ -280,13 +286,14 @@ def subgroup_markdown(result: dict[str, Any]) -> str:
         "and specificity at the validation threshold. Groups with fewer than "
         f"{result.get('min_patients')} patients are listed as too small, without figures. "
         "Intervals are per group, not corrected for the number of groups compared; a patient "
-        "with scans in two groups counts in both. Figure: subgroups.png.",
+        "with scans in two groups counts in both. An AUROC of exactly 1 (or 0), where every "
+        "resample gives the same value, has Newcombe's score interval over the group's "
+        "patients instead (marked †). Figure: subgroups.png.",
         "",
     ]
     overall = result.get("overall", {})
     lines += [
-        f"All patients: AUROC {_fmt_ci(overall.get('auroc'), overall.get('ci'))}, "
-        f"{overall.get('n_patients')} patients.",
+        f"All patients: AUROC {_subgroup_ci(overall)}, {overall.get('n_patients')} patients.",
         "",
     ]
     header = ["group", "patients (+)", "slices", "AUROC [CI]", "sens", "spec", "status"]
@@ -303,17 +310,22 @@ def subgroup_markdown(result: dict[str, Any]) -> str:
                 str(entry["group"]),
                 f"{entry['n_patients']} ({entry['n_positive_patients']})",
                 str(entry["n_slices"]),
-                _fmt_ci(entry.get("auroc"), entry.get("ci")) if scored else "",
+                _subgroup_ci(entry) if scored else "",
                 _fmt(entry.get("sensitivity")) if scored else "",
                 _fmt(entry.get("specificity")) if scored else "",
                 str(entry.get("status")),
             ]
             if with_series:
                 series = entry.get("series") or {}
-                row.insert(4, _fmt_ci(series.get("auroc"), series.get("ci")) if scored else "")
+                row.insert(4, _subgroup_ci(series) if scored else "")
             rows.append(row)
         lines += [f"### {variable.replace('_', ' ')}", ""] + _table(header, rows) + [""]
     return "\n".join(lines)
+
+
+def _subgroup_ci(entry: dict[str, Any]) -> str:
+    mark = " †" if entry.get("ci_method") == "score" else ""
+    return _fmt_ci(entry.get("auroc"), entry.get("ci")) + mark
 
 
 def forest_figure(result: dict[str, Any]) -> Any:

@@ -103,3 +103,94 @@ def roc_curve(y_true: Any, y_score: Any) -> tuple[np.ndarray, np.ndarray, np.nda
         np.r_[0.0, divide(tp, t.sum())],
         np.r_[np.inf, thr],
     )
+
+
+def auroc_score_interval(
+    value: float, n_positive: int, n_negative: int, alpha: float = 0.05
+) -> tuple[float, float]:
+    """A ``1 - alpha`` interval for an AUROC that stays honest at 0 and 1.
+
+    The score-type interval of Newcombe (Statistics in Medicine 25:559-573, 2006): the AUROCs
+    ``theta`` with ``|value - theta| <= z * sqrt(V(theta))``, where ``V`` is Hanley and
+    McNeil's variance written in ``theta`` alone, with the two group sizes replaced by their
+    mean ``N = (n_positive + n_negative) / 2``::
+
+        V(theta) = theta (1 - theta) / (n_pos n_neg)
+                   * (1 + (N - 1) (1 - theta) / (2 - theta) + (N - 1) theta / (1 + theta))
+
+    Because ``V`` is evaluated at the bound and not at the estimate, the interval keeps a width
+    where the estimate is 0 or 1, at which a bootstrap or a Wald interval collapses to a point
+    (every resample of a perfectly separated set is perfectly separated). It assumes
+    independent cases: pass counts of independent units (patients or series).
+
+    Args:
+        value: the AUROC.
+        n_positive: independent positive cases.
+        n_negative: independent negative cases.
+        alpha: 0.05 for a 95 % interval.
+
+    Returns:
+        ``(low, high)``; NaNs when ``value`` is NaN or a group is empty.
+    """
+    import math
+
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    if not math.isfinite(value) or n_positive < 1 or n_negative < 1:
+        return math.nan, math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"an AUROC lies in [0, 1], got {value}")
+    z = float(norm.ppf(1.0 - alpha / 2.0))
+    mean_size = (n_positive + n_negative) / 2.0
+
+    def beyond(theta: float) -> float:
+        """How far ``theta`` lies outside the acceptance region (negative: inside)."""
+        variance = (
+            theta
+            * (1.0 - theta)
+            / (n_positive * n_negative)
+            * (
+                1.0
+                + (mean_size - 1.0) * (1.0 - theta) / (2.0 - theta)
+                + (mean_size - 1.0) * theta / (1.0 + theta)
+            )
+        )
+        return abs(value - theta) - z * math.sqrt(variance)
+
+    # beyond() is negative at the estimate and just inside it (the variance there is positive,
+    # and at 0 or 1 its square root falls more slowly than the distance), and positive at a
+    # bound far enough away, where the limit is the root between them.
+    tiny = 1e-12
+    inside = min(max(value, tiny), 1.0 - tiny)
+    low = 0.0 if beyond(0.0) <= 0.0 else brentq(beyond, 0.0, inside)
+    high = 1.0 if beyond(1.0) <= 0.0 else brentq(beyond, inside, 1.0)
+    return float(low), float(high)
+
+
+def auroc_interval_at_bound(
+    value: float, labels: Any, groups: Any = None, alpha: float = 0.05
+) -> tuple[float, float] | None:
+    """The score interval (:func:`auroc_score_interval`) of an AUROC of exactly 0 or 1; None
+    for any other value.
+
+    A perfectly separated (or inverted) test set stays so in every bootstrap resample, so a
+    percentile bootstrap interval collapses to the point ``[1, 1]``, as if there were no
+    sampling uncertainty. The score interval is taken over independent units: patients
+    (``groups``) with a positive row and patients with a negative row (one with both counts in
+    both), or rows when ``groups`` is None.
+
+    Args:
+        value: the AUROC.
+        labels: ``(N,)`` 0/1 labels (NaN: unknown, left out).
+        groups: ``(N,)`` patient of each row, or None.
+        alpha: 0.05 for a 95 % interval.
+    """
+    if value not in (0.0, 1.0):
+        return None
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    known = ~np.isnan(y)
+    units = np.arange(y.size) if groups is None else np.asarray(groups).ravel()
+    positive = np.unique(units[known & (y == 1)]).size
+    negative = np.unique(units[known & (y == 0)]).size
+    return auroc_score_interval(value, positive, negative, alpha)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ichseg.metrics._base import check_multiclass, check_pair, has_both_labels, nanmean, to_jsonable
-from ichseg.metrics.auroc import auroc, average_precision
+from ichseg.metrics.auroc import auroc, auroc_interval_at_bound, average_precision
 from ichseg.metrics.bootstrap import bootstrap_distribution, percentile_interval
 from ichseg.metrics.logloss import multiclass_log_loss, rsna_weighted_log_loss
 from ichseg.metrics.multiclass import multiclass_metrics
@@ -177,7 +177,10 @@ def evaluate_multilabel(
     targets = [("series_", ts, ps, series_groups)]
     if label_level == "slice":
         targets.append(("", t, p, g))
-    result["ci"], result["bootstrap"] = _intervals(targets, fns, g, n_boot, seed, alpha)
+    auroc_columns = {"auroc_any": names.index("any")} if "any" in names else {}
+    result["ci"], result["bootstrap"] = _intervals(
+        targets, fns, g, n_boot, seed, alpha, auroc_columns
+    )
     return to_jsonable(result)
 
 
@@ -188,16 +191,29 @@ def _intervals(
     n_boot: int,
     seed: int,
     alpha: float,
+    auroc_columns: dict[str, int] | None = None,
 ) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
-    """Patient-bootstrap intervals of every metric on every (prefix, labels, preds, groups)."""
+    """Patient-bootstrap intervals of every metric on every (prefix, labels, preds, groups).
+
+    The AUROCs of ``auroc_columns`` (key -> label column) that are exactly 0 or 1 get the score
+    interval instead (:func:`~ichseg.metrics.auroc.auroc_interval_at_bound`), listed under
+    ``score_intervals`` in the bookkeeping: there every resample gives the same value.
+    """
     ci: dict[str, tuple[float, float]] = {}
     dropped: dict[str, int] = {}
+    score_intervals: list[str] = []
     if n_boot > 0:
         for prefix, yt, yp, groups in targets:
             for key, fn in fns.items():
                 values, bad = bootstrap_distribution(fn, yt, yp, groups, n_boot, seed)
                 ci[prefix + key] = percentile_interval(values, alpha)
                 dropped[prefix + key] = bad
+                if key in (auroc_columns or {}):
+                    column = yt[:, auroc_columns[key]]
+                    at_bound = auroc_interval_at_bound(fn(yt, yp), column, groups, alpha)
+                    if at_bound is not None:
+                        ci[prefix + key] = at_bound
+                        score_intervals.append(prefix + key)
     bookkeeping = {
         "unit": "patient",
         "n_units": int(np.unique(patients).size),
@@ -205,6 +221,7 @@ def _intervals(
         "dropped": dropped,
         "alpha": alpha,
         "seed": seed,
+        "score_intervals": score_intervals,
     }
     return ci, bookkeeping
 

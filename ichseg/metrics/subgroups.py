@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ichseg.metrics._base import has_both_labels, to_jsonable
-from ichseg.metrics.auroc import auroc
+from ichseg.metrics.auroc import auroc, auroc_interval_at_bound
 from ichseg.metrics.bootstrap import bootstrap_distribution, percentile_interval
 from ichseg.metrics.series import aggregate_by_series
 
@@ -144,10 +144,13 @@ def _scored(
     if n_boot > 0 and math.isfinite(value):
         values, dropped = bootstrap_distribution(_auroc_fn, t, p, g, n_boot, seed)
         ci = percentile_interval(values, alpha)
+    # A small group is often perfectly separated, where every resample gives the same value.
+    at_bound = auroc_interval_at_bound(value, t, g, alpha) if n_boot > 0 else None
     sensitivity, specificity = _rates(t, p, threshold)
     return {
         "auroc": value,
-        "ci": list(ci),
+        "ci": list(ci if at_bound is None else at_bound),
+        "ci_method": "bootstrap" if at_bound is None else "score",
         "dropped": dropped,
         "sensitivity": sensitivity,
         "specificity": specificity,
