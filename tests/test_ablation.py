@@ -210,7 +210,7 @@ def test_perfect_rungs_get_score_intervals_and_a_marked_cell(tmp_path: Path):
     weak, best = report["table"]
 
     assert best["auroc_any_mean"] == 1.0 and best["auroc_any_ci_method"] == "score"
-    # Every patient has positive and negative slices: 30 independent units on each side.
+    # Every patient has positive and negative slices, none negative ones only: 30 on each side.
     expected = auroc_score_interval(1.0, 30, 30)
     assert (best["auroc_any_ci_low"], best["auroc_any_ci_high"]) == pytest.approx(expected)
     assert "auroc_any_ci_method" not in weak

@@ -379,15 +379,52 @@ def test_score_interval_covers_the_true_auroc() -> None:
     assert 0.93 <= covered / draws <= 0.995
 
 
-def test_interval_at_bound_counts_patients_not_slices() -> None:
+def test_interval_at_bound_counts_patients_and_keeps_the_bootstraps_width() -> None:
     from ichseg.metrics.auroc import auroc_interval_at_bound, auroc_score_interval
 
     labels = np.array([1, 1, 1, 0, 0, 0, np.nan, 0])
     patients = np.array(["a", "a", "b", "c", "c", "d", "e", "e"])
-    assert auroc_interval_at_bound(0.93, labels, patients) is None
+    # Inside (0, 1): the bootstrap interval stands.
+    assert auroc_interval_at_bound(0.93, (0.85, 0.99), labels, patients) is None
     # Positive patients a, b; negative c, d, e (e's unknown row left out, its other row kept).
-    assert auroc_interval_at_bound(1.0, labels, patients) == auroc_score_interval(1.0, 2, 3)
-    assert auroc_interval_at_bound(1.0, labels) == auroc_score_interval(1.0, 3, 4)
+    score = auroc_score_interval(1.0, 2, 3)
+    assert auroc_interval_at_bound(1.0, (1.0, 1.0), labels, patients) == score
+    assert auroc_interval_at_bound(1.0, (1.0, 1.0), labels) == auroc_score_interval(1.0, 3, 4)
+    # A union: the wider limit of the two on each side.
+    assert auroc_interval_at_bound(0.99, (0.2, 1.0), labels, patients)[0] == 0.2
+    # A patient with positive and negative rows counts as positive only...
+    mixed = np.array(["a", "a", "b", "b", "c", "d", "e", "e"])
+    assert auroc_interval_at_bound(1.0, (1.0, 1.0), labels, mixed) == auroc_score_interval(
+        1.0, 2, 3
+    )
+    # ...unless every patient is: then those with a negative row are the negatives.
+    everyone = np.array(["a", "a", "b", "a", "b", "c", "c", "c"])
+    labels_everyone = np.array([1, 1, 1, 0, 0, 1, 0, 0])
+    assert auroc_interval_at_bound(
+        1.0, (1.0, 1.0), labels_everyone, everyone
+    ) == auroc_score_interval(1.0, 3, 3)
+    assert auroc_interval_at_bound(float("nan"), (1.0, 1.0), labels, patients) is None
+
+
+def test_a_perfect_auroc_is_not_shown_as_surer_than_a_nearly_perfect_one() -> None:
+    """One misordered pair drops the AUROC below 1, where the bootstrap interval alone is
+    nearly as narrow as the point [1, 1]: the union keeps both about as wide."""
+    rng = np.random.default_rng(2)
+    patients = np.arange(45)
+    y = np.zeros((45, 6))
+    y[:28, 0] = 1.0
+    p = np.clip(0.5 * y + 0.4 * rng.random((45, 6)), 0, 1)
+    near = p.copy()
+    near[28, 0] = p[:28, 0].min() + 1e-3  # one negative above the lowest positive
+    perfect = evaluate_multilabel(
+        y, p, class_names=SUBTYPES, groups=patients, series_ids=patients, n_boot=200
+    )
+    nearly = evaluate_multilabel(
+        y, near, class_names=SUBTYPES, groups=patients, series_ids=patients, n_boot=200
+    )
+    assert perfect["auroc_any"] == 1.0 > nearly["auroc_any"] > 0.99
+    assert "auroc_any" in nearly["bootstrap"]["score_intervals"]
+    assert nearly["ci"]["auroc_any"][0] <= perfect["ci"]["auroc_any"][0] + 0.01
 
 
 def test_evaluation_of_perfect_separation_gives_a_score_interval() -> None:

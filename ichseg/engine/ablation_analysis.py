@@ -159,12 +159,12 @@ HEADLINE = (
 COMPARED = ("auroc_any", "weighted_log_loss", "series_auroc_any", "series_weighted_log_loss")
 LOWER_IS_BETTER = ("weighted_log_loss", "series_weighted_log_loss")
 SCORE_INTERVAL = "score"
-"""``<key>_ci_method`` of a cell whose AUROC is exactly 0 or 1 on every seed: its interval is
-Newcombe's score interval over the independent test patients, not the bootstrap's point."""
+"""``<key>_ci_method`` of an AUROC cell whose bootstrap interval reached 0 or 1: its interval is
+the union with Newcombe's score interval over the test patients."""
 SCORE_NOTE = (
-    "† an AUROC of exactly 1 (or 0) on every seed: every bootstrap resample gives the same "
-    "value, so the interval is Newcombe's score interval over the independent test patients "
-    "(test-patient sampling only)."
+    "† the bootstrap interval reached 1 (or 0), where a percentile bootstrap is unreliable (a "
+    "perfectly separated test set is perfectly separated in every resample): the interval "
+    "shown is its union with Newcombe's score interval over the test patients."
 )
 
 
@@ -228,9 +228,10 @@ def analyse(runs: list[dict[str, Any]], n_boot: int = 1000, seed: int = 0) -> di
                 row[f"{prefix}{key}_ci_low"] = cell.ci_low
                 row[f"{prefix}{key}_ci_high"] = cell.ci_high
                 if key.startswith("auroc_"):
-                    # Every seed at exactly 1 (or 0): every resample is too.
                     column = y[:, SUBTYPES.index(key.removeprefix("auroc_"))]
-                    at_bound = auroc_interval_at_bound(cell.mean, column, groups)
+                    at_bound = auroc_interval_at_bound(
+                        cell.mean, (cell.ci_low, cell.ci_high), column, groups
+                    )
                     if at_bound is not None:
                         row[f"{prefix}{key}_ci_low"], row[f"{prefix}{key}_ci_high"] = at_bound
                         row[f"{prefix}{key}_ci_method"] = SCORE_INTERVAL

@@ -85,9 +85,9 @@ def _markdown(metrics: dict[str, Any], task: str) -> str:
         note = f" Resamples without a value (dropped): {dropped}." if dropped else ""
         if boot.get("score_intervals"):
             note += (
-                f" {', '.join(boot['score_intervals'])}: exactly 0 or 1, where every resample "
-                "gives the same value, so Newcombe's score interval over the independent "
-                "patients is shown instead."
+                f" {', '.join(boot['score_intervals'])}: the bootstrap interval reached 1 (or "
+                "0), where a percentile bootstrap is unreliable; shown is its union with "
+                "Newcombe's score interval over the patients."
             )
         lines += [
             f"Intervals: {level} % percentile bootstrap over {boot.get('n_units')} patients "
@@ -286,9 +286,9 @@ def subgroup_markdown(result: dict[str, Any]) -> str:
         "and specificity at the validation threshold. Groups with fewer than "
         f"{result.get('min_patients')} patients are listed as too small, without figures. "
         "Intervals are per group, not corrected for the number of groups compared; a patient "
-        "with scans in two groups counts in both. An AUROC of exactly 1 (or 0), where every "
-        "resample gives the same value, has Newcombe's score interval over the group's "
-        "patients instead (marked †). Figure: subgroups.png.",
+        "with scans in two groups counts in both. Where the bootstrap interval reaches 1 (or "
+        "0), as for a perfectly separated group, the interval is its union with Newcombe's "
+        "score interval over the group's patients (marked †). Figure: subgroups.png.",
         "",
     ]
     overall = result.get("overall", {})

@@ -7,6 +7,7 @@ torchmetrics' ``binary_auroc`` (the tests check that); average precision comes f
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -132,11 +133,12 @@ def auroc_score_interval(
     Returns:
         ``(low, high)``; NaNs when ``value`` is NaN or a group is empty.
     """
-    import math
-
     from scipy.optimize import brentq
     from scipy.stats import norm
 
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha lies between 0 and 1, got {alpha}")
+    value = float(value)  # a numpy float32 1.0 would stay 1.0 below, bracketing no root
     if not math.isfinite(value) or n_positive < 1 or n_negative < 1:
         return math.nan, math.nan
     if not 0.0 <= value <= 1.0:
@@ -169,28 +171,46 @@ def auroc_score_interval(
 
 
 def auroc_interval_at_bound(
-    value: float, labels: Any, groups: Any = None, alpha: float = 0.05
+    value: float,
+    bootstrap: tuple[float, float],
+    labels: Any,
+    groups: Any = None,
+    alpha: float = 0.05,
 ) -> tuple[float, float] | None:
-    """The score interval (:func:`auroc_score_interval`) of an AUROC of exactly 0 or 1; None
-    for any other value.
+    """Where a bootstrap interval of an AUROC reaches 0 or 1: its union with the score interval
+    (:func:`auroc_score_interval`); None where it does not (the bootstrap interval stands).
 
-    A perfectly separated (or inverted) test set stays so in every bootstrap resample, so a
-    percentile bootstrap interval collapses to the point ``[1, 1]``, as if there were no
-    sampling uncertainty. The score interval is taken over independent units: patients
-    (``groups``) with a positive row and patients with a negative row (one with both counts in
-    both), or rows when ``groups`` is None.
+    Near the bounds a percentile bootstrap is unreliable: a perfectly separated test set stays
+    so in every resample, so its interval is the point ``[1, 1]``, and one a pair short of it
+    gets an interval nearly as narrow. The union keeps the bootstrap's account of clustering
+    and adds the score interval's width, so that a perfect AUROC is not shown as more certain
+    than a nearly perfect one.
+
+    The score interval counts independent units: patients (``groups``) with a positive row, and
+    patients with negative rows only; where every patient has a positive row, those with a
+    negative row. Without ``groups``, rows.
 
     Args:
-        value: the AUROC.
+        value: the AUROC (NaN: no interval).
+        bootstrap: its bootstrap ``(low, high)``.
         labels: ``(N,)`` 0/1 labels (NaN: unknown, left out).
         groups: ``(N,)`` patient of each row, or None.
         alpha: 0.05 for a 95 % interval.
     """
-    if value not in (0.0, 1.0):
+    low, high = (float(b) for b in bootstrap)
+    value = float(value)
+    if not (math.isfinite(value) and math.isfinite(low) and math.isfinite(high)):
+        return None
+    if 0.0 < low and high < 1.0:
         return None
     y = np.asarray(labels, dtype=np.float64).ravel()
     known = ~np.isnan(y)
     units = np.arange(y.size) if groups is None else np.asarray(groups).ravel()
-    positive = np.unique(units[known & (y == 1)]).size
-    negative = np.unique(units[known & (y == 0)]).size
-    return auroc_score_interval(value, positive, negative, alpha)
+    positive = np.unique(units[known & (y == 1)])
+    with_negative = np.unique(units[known & (y == 0)])
+    negative_only = np.setdiff1d(with_negative, positive)
+    negatives = negative_only.size if negative_only.size else with_negative.size
+    score_low, score_high = auroc_score_interval(value, positive.size, negatives, alpha)
+    if not math.isfinite(score_low):
+        return None
+    return min(low, score_low), max(high, score_high)

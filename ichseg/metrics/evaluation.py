@@ -195,9 +195,9 @@ def _intervals(
 ) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
     """Patient-bootstrap intervals of every metric on every (prefix, labels, preds, groups).
 
-    The AUROCs of ``auroc_columns`` (key -> label column) that are exactly 0 or 1 get the score
-    interval instead (:func:`~ichseg.metrics.auroc.auroc_interval_at_bound`), listed under
-    ``score_intervals`` in the bookkeeping: there every resample gives the same value.
+    The AUROCs of ``auroc_columns`` (key -> label column) whose interval reaches 0 or 1 get its
+    union with the score interval (:func:`~ichseg.metrics.auroc.auroc_interval_at_bound`),
+    listed under ``score_intervals`` in the bookkeeping.
     """
     ci: dict[str, tuple[float, float]] = {}
     dropped: dict[str, int] = {}
@@ -210,7 +210,9 @@ def _intervals(
                 dropped[prefix + key] = bad
                 if key in (auroc_columns or {}):
                     column = yt[:, auroc_columns[key]]
-                    at_bound = auroc_interval_at_bound(fn(yt, yp), column, groups, alpha)
+                    at_bound = auroc_interval_at_bound(
+                        fn(yt, yp), ci[prefix + key], column, groups, alpha
+                    )
                     if at_bound is not None:
                         ci[prefix + key] = at_bound
                         score_intervals.append(prefix + key)

@@ -145,7 +145,7 @@ def _scored(
         values, dropped = bootstrap_distribution(_auroc_fn, t, p, g, n_boot, seed)
         ci = percentile_interval(values, alpha)
     # A small group is often perfectly separated, where every resample gives the same value.
-    at_bound = auroc_interval_at_bound(value, t, g, alpha) if n_boot > 0 else None
+    at_bound = auroc_interval_at_bound(value, ci, t, g, alpha) if n_boot > 0 else None
     sensitivity, specificity = _rates(t, p, threshold)
     return {
         "auroc": value,
