@@ -427,7 +427,7 @@ def test_a_perfect_auroc_is_not_shown_as_surer_than_a_nearly_perfect_one() -> No
     assert nearly["ci"]["auroc_any"][0] <= perfect["ci"]["auroc_any"][0] + 0.01
 
 
-def test_evaluation_of_perfect_separation_gives_a_score_interval() -> None:
+def test_evaluation_of_perfect_separation_gives_a_score_interval(tmp_path) -> None:
     rng = np.random.default_rng(1)
     patients = np.repeat(np.arange(30), 4)
     y = np.zeros((120, 6))
@@ -447,3 +447,7 @@ def test_evaluation_of_perfect_separation_gives_a_score_interval() -> None:
     assert result["ci"]["auroc_any"][0] < 0.95
     # Weighted log loss is not an AUROC: still the bootstrap's interval.
     assert "weighted_log_loss" not in result["bootstrap"]["score_intervals"]
+    report = write_report(result, tmp_path, y, p, SUBTYPES, "multilabel")[1].read_text()
+    assert "series_auroc_any, auroc_any: the bootstrap interval reached 1" in report
+    assert "Thresholds: 0.5, none chosen on validation data" in report
+    assert json.loads((tmp_path / "metrics.json").read_text()) == result

@@ -100,9 +100,14 @@ def _markdown(metrics: dict[str, Any], task: str) -> str:
             "Macro averages are over a fixed class set: "
             f"{', '.join(metrics.get('macro_classes') or []) or 'none'} "
             "(the classes with both labels on this split).",
-            f"Thresholds: chosen on the {metrics.get('threshold_source', 'n/a')} split; series "
-            f"probability = {metrics.get('aggregation', 'max')} over slices, with its own "
-            "thresholds chosen on validation series.",
+            (
+                "Thresholds: chosen on the validation split; series probability = "
+                f"{metrics.get('aggregation', 'max')} over slices, with its own thresholds "
+                "chosen on validation series."
+                if metrics.get("threshold_source") == "validation"
+                else "Thresholds: 0.5, none chosen on validation data; series probability = "
+                f"{metrics.get('aggregation', 'max')} over slices."
+            ),
             "",
         ]
         summary = []
