@@ -185,7 +185,12 @@ def test_packaged_ladder_resolves_with_quick_profile():
 
 
 def test_perfect_rungs_get_score_intervals_and_a_marked_cell(tmp_path: Path):
-    from ichseg.engine.ablation_analysis import SCORE_NOTE, format_table, write_ablation_markdown
+    from ichseg.engine.ablation_analysis import (
+        SCORE_NOTE,
+        format_table,
+        plot_ablation,
+        write_ablation_markdown,
+    )
     from ichseg.metrics.auroc import auroc_score_interval
 
     rng = np.random.default_rng(0)
@@ -220,3 +225,4 @@ def test_perfect_rungs_get_score_intervals_and_a_marked_cell(tmp_path: Path):
     text = write_ablation_markdown(report, tmp_path / "ablation.md").read_text()
     assert text.count(SCORE_NOTE) == 2  # under the headline table and the per-class one
     assert f"\n\n{SCORE_NOTE}" in text  # after a blank line: not a row of the table
+    assert plot_ablation(report, tmp_path / "ablation.png").stat().st_size > 0

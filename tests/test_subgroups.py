@@ -258,3 +258,9 @@ def test_a_perfectly_separated_group_gets_a_score_interval() -> None:
     assert male["ci_method"] == "bootstrap" and male["ci"][0] < male["auroc"] < male["ci"][1]
     text = subgroup_markdown(result)
     assert f"{female['auroc']:.3f} [{expected[0]:.3f}, 1.000] †" in text
+    from ichseg.engine.report import forest_figure
+
+    axis = forest_figure(result).axes[0]
+    marked = [label.get_text() for label in axis.get_yticklabels() if "†" in label.get_text()]
+    assert marked == [f"sex: F (n={female['n_patients']}) †"]
+    assert "score interval" in axis.get_xlabel()

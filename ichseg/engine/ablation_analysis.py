@@ -456,7 +456,11 @@ def plot_ablation(report: dict[str, Any], path: Path) -> Path:
         )
         err = np.nan_to_num(np.stack([means - low, high - means]))
         ax.bar(x, np.nan_to_num(means), yerr=err, capsize=4, color="tab:blue")
-        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+        marked = [
+            label + (" †" if r.get(f"{key}_ci_method") == SCORE_INTERVAL else "")
+            for label, r in zip(labels, table, strict=True)
+        ]
+        ax.set_xticks(x, marked, rotation=30, ha="right", fontsize=8)
         ax.set_title(key.replace("_", " "))
     ax = axes[-1]
     deltas = [r for r in table[1:]]

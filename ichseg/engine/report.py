@@ -355,7 +355,8 @@ def forest_figure(result: dict[str, Any]) -> Any:
         if previous is not None and variable != previous:
             ax.axhline(y + 0.5, color="lightgrey", linewidth=0.6)
         previous = variable
-        labels.append(f"{_group_label(variable, entry)} (n={entry['n_patients']})")
+        mark = " †" if entry.get("ci_method") == "score" else ""
+        labels.append(f"{_group_label(variable, entry)} (n={entry['n_patients']}){mark}")
         value, ci = entry.get("auroc"), entry.get("ci") or [None, None]
         if entry.get("status") != "ok" or value is None:
             status = entry.get("status", "n/a")
@@ -376,7 +377,11 @@ def forest_figure(result: dict[str, Any]) -> Any:
     ax.set_yticks(range(len(entries)), labels[::-1], fontsize="small")
     ax.set_ylim(-0.6, len(entries) - 0.4)
     ax.set_xlim(left, 1.01)
-    ax.set_xlabel(f"AUROC (any) per {result.get('level', 'slice')}, {_ci_level(result)} % CI")
+    scored = any(entry.get("ci_method") == "score" for _, entry in entries)
+    ax.set_xlabel(
+        f"AUROC (any) per {result.get('level', 'slice')}, {_ci_level(result)} % CI"
+        + ("; † with the score interval" if scored else "")
+    )
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize="small")
     fig.tight_layout()
     return fig
