@@ -70,6 +70,26 @@ def segmenter_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_segmenter(studies, config, run_dir, progress=False)
 
 
+def dicom_cache_config(root: Path, labels: Path, cache: Path, context: int = 1, **data):
+    """A run config of a DICOM folder with RSNA labels, cached at 32 px under ``cache``."""
+    from ichseg.config import load_config
+
+    return load_config(
+        extra={
+            "name": "flat",
+            "data": {
+                "source": "dicom",
+                "root": str(root),
+                "labels": str(labels),
+                "image_size": 32,
+                "context": context,
+                "cache_dir": str(cache),
+                **data,
+            },
+        }
+    )
+
+
 HEMORRHAGE_SEED = 35
 """A phantom study with epidural, intraparenchymal and intraventricular blood on 4 of 8 slices."""
 HEMORRHAGE_STUDY = {"size": 64, "num_slices": 8, "negative_fraction": 0.0}

@@ -137,6 +137,8 @@ def test_one_parse_per_file_matches_the_two_pass_reader(case: Case, tmp_path: Pa
 def test_element_values_are_pydicoms_from_its_dict_or_a_copy(case: Case, tmp_path: Path) -> None:
     """Header values are read from pydicom's own element dict, or from a copy keyed by plain
     tag numbers where a dataset has none: both give what ``Dataset.get`` gives."""
+    import types
+
     import pydicom
 
     from ichseg.io.dicom_header import _HEADER_TAGS, ElementValues
@@ -152,9 +154,11 @@ def test_element_values_are_pydicoms_from_its_dict_or_a_copy(case: Case, tmp_pat
         except Exception:  # not DICOM, or too damaged to read: nothing to compare
             continue
         reference, own, copy = datasets
+        # A read-only view is no dict: ElementValues takes its own copy of the elements.
+        object.__setattr__(copy, "_dict", types.MappingProxyType(copy._dict))
         live, copied = ElementValues(own), ElementValues(copy)
         assert live.elements is own._dict
-        copied.elements = {int(tag): element for tag, element in copy.items()}
+        assert isinstance(copied.elements, dict) and copied.elements is not copy._dict
         for keyword in _HEADER_TAGS:
             try:
                 expected = reference.get(keyword)

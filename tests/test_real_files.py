@@ -105,7 +105,8 @@ def test_file_by_file_cache_of_real_files_equals_the_series_cache(tmp_path: Path
     syntaxes, a 5-slice and a 4-slice series, two scouts): both builds give the same arrays."""
     import json
 
-    from ichseg.config import load_config
+    from conftest import dicom_cache_config
+
     from ichseg.engine.cache import build_slices
 
     flat = tmp_path / "flat"
@@ -122,19 +123,7 @@ def test_file_by_file_cache_of_real_files_equals_the_series_cache(tmp_path: Path
         lines += [f"ID_{sop}_{name},{int(bleed and name == 'subdural')}" for name in subtypes]
     labels = tmp_path / "labels.csv"
     labels.write_text("\n".join(lines) + "\n")
-    config = load_config(
-        extra={
-            "name": "real",
-            "data": {
-                "source": "dicom",
-                "root": str(flat),
-                "labels": str(labels),
-                "image_size": 32,
-                "context": 1,
-                "cache_dir": str(tmp_path / "cache"),
-            },
-        }
-    )
+    config = dicom_cache_config(flat, labels, tmp_path / "cache")
 
     one = build_slices(config, progress=False, per_slice=True, shard_slices=3, workers=1)
     two = build_slices(config, progress=False, per_slice=False, workers=1)

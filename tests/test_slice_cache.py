@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dicom_cache_config
 
-from ichseg.config import load_config
 from ichseg.engine import cache_per_slice
 from ichseg.engine.cache import build_slices, cached_skips
 from ichseg.errors import ConfigError
@@ -41,23 +41,6 @@ def flat_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return flat, base / "data" / "labels_rsna.csv"
 
 
-def _config(flat: Path, labels: Path, cache: Path, context: int = 1, **data):
-    return load_config(
-        extra={
-            "name": "flat",
-            "data": {
-                "source": "dicom",
-                "root": str(flat),
-                "labels": str(labels),
-                "image_size": 32,
-                "context": context,
-                "cache_dir": str(cache),
-                **data,
-            },
-        }
-    )
-
-
 def _by_slice(slices) -> dict[tuple[str, int], int]:
     return {
         (str(slices.series[r]), int(slices.slice_index[r])): r
@@ -69,7 +52,7 @@ def _by_slice(slices) -> dict[tuple[str, int], int]:
 @pytest.mark.parametrize("context", [0, 1])
 def test_file_by_file_cache_equals_the_series_cache(flat_data, tmp_path: Path, context: int):
     flat, labels = flat_data
-    config = _config(flat, labels, tmp_path, context)
+    config = dicom_cache_config(flat, labels, tmp_path, context)
     one = build_slices(config, progress=False, per_slice=True, shard_slices=7, workers=1)
     two = build_slices(config, progress=False, per_slice=False, workers=1)
     assert one.folder != two.folder
@@ -109,12 +92,15 @@ def test_slices_windowed_at_once_and_in_stacks_keep_their_rows(
         return None if next(calls) % 3 == 0 else real(self, stored, rescale)
 
     reference = build_slices(
-        _config(flat, labels, tmp_path / "series"), progress=False, per_slice=False, workers=1
+        dicom_cache_config(flat, labels, tmp_path / "series"),
+        progress=False,
+        per_slice=False,
+        workers=1,
     )
     monkeypatch.setattr(cache_per_slice, "PER_SLICE_BATCH", 2)
     monkeypatch.setattr(Preprocessor, "stored_slice", every_third_stacked)
     mixed = build_slices(
-        _config(flat, labels, tmp_path / "mixed"),
+        dicom_cache_config(flat, labels, tmp_path / "mixed"),
         progress=False,
         per_slice=True,
         shard_slices=11,
@@ -148,14 +134,17 @@ def test_workers_hold_a_bounded_number_of_slices(flat_data, tmp_path: Path, monk
 
     monkeypatch.setattr(cache_per_slice, "_window_stacks", counting)
     build_slices(
-        _config(flat, labels, tmp_path / "tables"), progress=False, per_slice=True, workers=1
+        dicom_cache_config(flat, labels, tmp_path / "tables"),
+        progress=False,
+        per_slice=True,
+        workers=1,
     )
     assert waiting and max(waiting) == 0
 
     holding.clear()
     monkeypatch.setattr(cache_per_slice, "PER_SLICE_BATCH", 5)
     monkeypatch.setattr(Preprocessor, "stored_slice", lambda self, stored, rescale: None)
-    config = _config(flat, labels, tmp_path / "stacks")
+    config = dicom_cache_config(flat, labels, tmp_path / "stacks")
     build_slices(config, progress=False, per_slice=True, shard_slices=100, workers=1)
     assert max(holding) == 5 and sum(holding) == 24 and len(holding) >= 24 // 5
 
@@ -181,13 +170,15 @@ def test_file_by_file_builds_window_through_the_stored_value_tables(
 
     monkeypatch.setattr(Preprocessor, "stored_slice", counting)
     monkeypatch.setattr(Preprocessor, "__call__", float_path)
-    build_slices(_config(flat, labels, tmp_path), progress=False, per_slice=True, workers=1)
+    build_slices(
+        dicom_cache_config(flat, labels, tmp_path), progress=False, per_slice=True, workers=1
+    )
     assert len(looked_up) == 24 and all(looked_up)
 
 
 def test_masked_runs_need_whole_series(flat_data, tmp_path: Path):
     flat, labels = flat_data
-    config = _config(flat, labels, tmp_path)
+    config = dicom_cache_config(flat, labels, tmp_path)
     config = config.model_copy(
         update={"masking": config.masking.model_copy(update={"enabled": True})}
     )
@@ -203,11 +194,11 @@ def test_head_cropped_runs_cache_whole_series_cut_to_the_head(flat_data, tmp_pat
     from ichseg.preprocess.pipeline import Preprocessor
 
     flat, labels = flat_data
-    config = _config(flat, labels, tmp_path, context=0, head_crop=True)
+    config = dicom_cache_config(flat, labels, tmp_path, context=0, head_crop=True)
     with pytest.raises(ConfigError, match="whole series"):
         build_slices(config, progress=False, per_slice=True, workers=1)
     slices = build_slices(config, progress=False, workers=1)
-    uncropped = build_slices(_config(flat, labels, tmp_path, context=0), progress=False)
+    uncropped = build_slices(dicom_cache_config(flat, labels, tmp_path, context=0), progress=False)
     assert slices.folder != uncropped.folder
     rows = _by_slice(slices)
     preprocessor = Preprocessor.from_config(config)
@@ -251,7 +242,7 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
 )
 def test_a_killed_build_resumes_with_its_finished_shards(flat_data, tmp_path: Path, per_slice):
     flat, labels = flat_data
-    config = _config(flat, labels, tmp_path / "cache")
+    config = dicom_cache_config(flat, labels, tmp_path / "cache")
     module, function = (
         ("cache_per_slice", "_build_file_shard") if per_slice else ("cache", "_build_shard")
     )
@@ -300,7 +291,7 @@ def test_a_killed_build_resumes_with_its_finished_shards(flat_data, tmp_path: Pa
     assert {name: _files(folder / name) for name in shards} == before  # not rewritten
 
     fresh = build_slices(
-        _config(flat, labels, tmp_path / "fresh"),
+        dicom_cache_config(flat, labels, tmp_path / "fresh"),
         progress=False,
         workers=1,
         shard_slices=4,
@@ -331,7 +322,7 @@ def test_a_shard_built_twice_is_left_as_it_is(flat_data, tmp_path: Path):
     from ichseg.io.dicom_table import DicomTable
 
     flat, labels = flat_data
-    config = _config(flat, labels, tmp_path / "cache").model_dump(mode="json")
+    config = dicom_cache_config(flat, labels, tmp_path / "cache").model_dump(mode="json")
     paths = np.array([os.fsencode(p) for p in sorted(flat.glob("*.dcm"))[:5]])
     first = _build_file_shard(str(tmp_path), 0, paths, config)
     assert first.files == 5

@@ -23,6 +23,7 @@ from ichseg.engine.checkpoint import EVAL_DIR, HISTORY_JSONL
 from ichseg.errors import ConfigError, InputError
 from ichseg.fileio import new_figure, save_figure, write_csv, write_text
 from ichseg.metrics import nanmean
+from ichseg.metrics.auroc import SCORE_INTERVAL, score_mark
 from ichseg.volume import SUBTYPES
 
 
@@ -158,9 +159,6 @@ HEADLINE = (
 )
 COMPARED = ("auroc_any", "weighted_log_loss", "series_auroc_any", "series_weighted_log_loss")
 LOWER_IS_BETTER = ("weighted_log_loss", "series_weighted_log_loss")
-SCORE_INTERVAL = "score"
-"""``<key>_ci_method`` of an AUROC cell whose bootstrap interval reached 0 or 1: its interval is
-the union with Newcombe's score interval over the test patients."""
 SCORE_NOTE = (
     "† the bootstrap interval reached 1 (or 0), where a percentile bootstrap is unreliable (a "
     "perfectly separated test set is perfectly separated in every resample): the interval "
@@ -296,8 +294,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
     low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
     if low is None or high is None:
         return f"{mean:.3f}"
-    mark = " †" if row.get(f"{key}_ci_method") == SCORE_INTERVAL else ""
-    return f"{mean:.3f} [{low:.3f}, {high:.3f}]{mark}"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]{score_mark(row.get(f'{key}_ci_method'))}"
 
 
 def _score_note(table: list[dict[str, Any]], keys: Sequence[str]) -> list[str]:
@@ -457,7 +454,7 @@ def plot_ablation(report: dict[str, Any], path: Path) -> Path:
         err = np.nan_to_num(np.stack([means - low, high - means]))
         ax.bar(x, np.nan_to_num(means), yerr=err, capsize=4, color="tab:blue")
         marked = [
-            label + (" †" if r.get(f"{key}_ci_method") == SCORE_INTERVAL else "")
+            label + score_mark(r.get(f"{key}_ci_method"))
             for label, r in zip(labels, table, strict=True)
         ]
         ax.set_xticks(x, marked, rotation=30, ha="right", fontsize=8)

@@ -18,6 +18,7 @@ import numpy as np
 from ichseg.fileio import atomic_path, new_figure, save_figure
 from ichseg.metrics import aggregate_by_series, roc_curve, to_jsonable
 from ichseg.metrics._base import has_both_labels
+from ichseg.metrics.auroc import SCORE_INTERVAL, score_mark
 
 TASKS: tuple[str, ...] = ("multilabel", "multiclass")
 
@@ -329,8 +330,7 @@ def subgroup_markdown(result: dict[str, Any]) -> str:
 
 
 def _subgroup_ci(entry: dict[str, Any]) -> str:
-    mark = " †" if entry.get("ci_method") == "score" else ""
-    return _fmt_ci(entry.get("auroc"), entry.get("ci")) + mark
+    return _fmt_ci(entry.get("auroc"), entry.get("ci")) + score_mark(entry.get("ci_method"))
 
 
 def forest_figure(result: dict[str, Any]) -> Any:
@@ -355,7 +355,7 @@ def forest_figure(result: dict[str, Any]) -> Any:
         if previous is not None and variable != previous:
             ax.axhline(y + 0.5, color="lightgrey", linewidth=0.6)
         previous = variable
-        mark = " †" if entry.get("ci_method") == "score" else ""
+        mark = score_mark(entry.get("ci_method"))
         labels.append(f"{_group_label(variable, entry)} (n={entry['n_patients']}){mark}")
         value, ci = entry.get("auroc"), entry.get("ci") or [None, None]
         if entry.get("status") != "ok" or value is None:
@@ -377,7 +377,7 @@ def forest_figure(result: dict[str, Any]) -> Any:
     ax.set_yticks(range(len(entries)), labels[::-1], fontsize="small")
     ax.set_ylim(-0.6, len(entries) - 0.4)
     ax.set_xlim(left, 1.01)
-    scored = any(entry.get("ci_method") == "score" for _, entry in entries)
+    scored = any(entry.get("ci_method") == SCORE_INTERVAL for _, entry in entries)
     ax.set_xlabel(
         f"AUROC (any) per {result.get('level', 'slice')}, {_ci_level(result)} % CI"
         + ("; † with the score interval" if scored else "")

@@ -106,6 +106,16 @@ def roc_curve(y_true: Any, y_score: Any) -> tuple[np.ndarray, np.ndarray, np.nda
     )
 
 
+SCORE_INTERVAL = "score"
+"""The ``ci_method`` of an AUROC interval widened by :func:`auroc_interval_at_bound`."""
+
+
+def score_mark(method: str | None) -> str:
+    """``" †"`` after an interval widened by the score interval (``method`` is
+    :data:`SCORE_INTERVAL`), else nothing: the mark of tables and figures."""
+    return " †" if method == SCORE_INTERVAL else ""
+
+
 def auroc_score_interval(
     value: float, n_positive: int, n_negative: int, alpha: float = 0.05
 ) -> tuple[float, float]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ichseg.metrics._base import has_both_labels, to_jsonable
-from ichseg.metrics.auroc import auroc, auroc_interval_at_bound
+from ichseg.metrics.auroc import SCORE_INTERVAL, auroc, auroc_interval_at_bound
 from ichseg.metrics.bootstrap import bootstrap_distribution, percentile_interval
 from ichseg.metrics.series import aggregate_by_series
 
@@ -150,7 +150,7 @@ def _scored(
     return {
         "auroc": value,
         "ci": list(ci if at_bound is None else at_bound),
-        "ci_method": "bootstrap" if at_bound is None else "score",
+        "ci_method": "bootstrap" if at_bound is None else SCORE_INTERVAL,
         "dropped": dropped,
         "sensitivity": sensitivity,
         "specificity": specificity,
